@@ -1,0 +1,35 @@
+# mim_jax: `make demo` (install + the main job on embedded photos), `make test` (whole suite).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip --disable-pip-version-check -q
+WORKDIR ?= runs/demo
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+
+.PHONY: demo test install install-test clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch==2.13.0 is pinned first and alone so that the CPU wheel is used, never a CUDA build.
+$(VENV)/.installed: setup.py | $(VENV)/bin/python
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	$(PY) -m mim_jax.train --config=configs/ccvit_demo.py --workdir=$(WORKDIR)
+	@echo "demo: metrics in $(WORKDIR)/metrics.jsonl, picture in $(WORKDIR)/visualization.png"
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

@@ -1,0 +1,30 @@
+"""Pre-training methods: each is a small plug-in the one trainer calls.
+
+A method object has:
+  prepare(example, rng)              host-side per-example work (masks, ...), numpy only
+  init(rng, batch) -> variables      boxed Flax variables ('params' + any mutable collections)
+  loss(params, extra, consts, batch, rng, train) -> (loss, metrics, new_extra)
+  consts() -> dict of arrays         frozen tensors the step needs (codebooks, teachers)
+  visualize(params, extra, consts, batch) -> uint8 HWC image or None
+  encoder_params(params)             the backbone evaluation keeps
+  fingerprint() -> dict              config fields a checkpoint depends on
+"""
+from __future__ import annotations
+
+import importlib
+
+_METHODS = {
+    "ccvit": "mim_jax.methods.ccvit:CCViT",
+}
+
+
+def names():
+  return sorted(_METHODS)
+
+
+def build(config, *, workdir: str | None = None, source=None):
+  name = config.method.name
+  if name not in _METHODS:
+    raise ValueError(f"config.method.name: unknown method '{name}'; choose one of {names()}")
+  module, cls = _METHODS[name].split(":")
+  return getattr(importlib.import_module(module), cls)(config, workdir=workdir, source=source)

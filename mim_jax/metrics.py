@@ -1,0 +1,59 @@
+"""Metric writing: clu writers (TensorBoard + log), DIR/metrics.jsonl, console progress."""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import time
+from typing import Mapping
+
+from absl import logging
+from clu import metric_writers
+import jax
+
+
+class MetricLogger:
+  """Writes one JSON object per logging step and TensorBoard scalars (process 0 only)."""
+
+  def __init__(self, workdir: str, total_steps: int):
+    self.is_main = jax.process_index() == 0
+    self.total_steps = total_steps
+    self.writer = metric_writers.create_default_writer(
+        workdir, just_logging=not self.is_main, asynchronous=False)
+    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self._t0 = time.time()
+    self._last_time = None
+    self._last_step = None
+
+  def mark(self, step: int):
+    """Starts the throughput clock at `step` (after compilation/restore)."""
+    self._last_time, self._last_step = time.time(), step
+
+  def write(self, step: int, scalars: Mapping[str, float], *, images_per_step: int) -> dict:
+    now = time.time()
+    row = {"step": int(step)}
+    row.update({k: float(v) for k, v in scalars.items()})
+    if self._last_time is not None and step > self._last_step:
+      dt = now - self._last_time
+      steps = step - self._last_step
+      row["img_per_s"] = images_per_step * steps / max(dt, 1e-9)
+      row["step_time_s"] = dt / steps
+      eta = (self.total_steps - step) * dt / steps
+    else:
+      eta = math.nan
+    self._last_time, self._last_step = now, step
+    if self.is_main:
+      with open(self.jsonl_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+      self.writer.write_scalars(step, {k: v for k, v in row.items() if k != "step"})
+      eta_s = "?" if math.isnan(eta) else str(datetime.timedelta(seconds=int(eta)))
+      shown = " ".join(f"{k}={v:.4g}" for k, v in row.items()
+                       if k not in ("step", "step_time_s"))
+      logging.info("step %d/%d (%.0f%%) %s | ETA %s", step, self.total_steps,
+                   100.0 * step / self.total_steps, shown, eta_s)
+    return row
+
+  def close(self):
+    self.writer.flush()
+    self.writer.close()

@@ -1,0 +1,518 @@
+"""BEiT-style Vision Transformer backbone shared by every method.
+
+Numerics follow the reference code (spec §0.1, §1.1, §5.1): pre-norm blocks,
+exact GELU, LayerNorm eps 1e-6 computed in fp32 with a two-pass variance, one
+bias-free `qkv` projection plus learnable q/v biases (k bias fixed at 0), layer
+scale, per-sample drop path, and relative position bias (shared by all layers,
+per layer, or none). Parameters carry logical axis names so the trainer can
+shard them with its rules; without rules the annotations are no-ops.
+
+Images are NHWC and already normalised. Token 0 is the cls token, patch tokens
+follow in row-major (h, w) order.
+"""
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+VIT_SIZES = {
+    'T': dict(embed_dim=192, depth=12, num_heads=3),
+    'S': dict(embed_dim=384, depth=12, num_heads=6),
+    'B': dict(embed_dim=768, depth=12, num_heads=12),
+    'L': dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+# Logical axis names of activations between blocks.
+ACT_AXES = ('act_batch', 'act_len', 'act_embed')
+
+INITS = ('beit', 'timm', 'torch_default')
+Initializer = Callable[..., jax.Array]
+
+
+def vit_kwargs(variant: str) -> dict:
+  """'B/16' -> dict(embed_dim=768, depth=12, num_heads=12, patch_size=16).
+
+  A bare size letter ('B') means patch 16.
+  """
+  size, _, patch = variant.partition('/')
+  if size not in VIT_SIZES or (patch and not patch.isdigit()):
+    raise ValueError(f'Unknown ViT variant {variant!r}: expected one of '
+                     f'{sorted(VIT_SIZES)} optionally followed by /<patch>, e.g. "B/16".')
+  return dict(VIT_SIZES[size], patch_size=int(patch) if patch else 16)
+
+
+# ----------------------------------------------------------------------------
+# Position tables (pure numpy: they are constants of the grid).
+# ----------------------------------------------------------------------------
+
+
+def num_relative_distances(grid: tuple[int, int]) -> int:
+  """Rows of the relative position bias table: patch offsets + 3 cls entries."""
+  h, w = grid
+  return (2 * h - 1) * (2 * w - 1) + 3
+
+
+def relative_position_index(grid: tuple[int, int]) -> np.ndarray:
+  """(N+1, N+1) int32 index into the bias table, cls token at index 0 (§1.1).
+
+  Patch pair (i, j): (h_i - h_j + H - 1) * (2W - 1) + (w_i - w_j + W - 1).
+  Row 0 (cls query) = R-3, column 0 (cls key) = R-2, [0, 0] = R-1, R = table rows.
+  """
+  h, w = grid
+  rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
+  rows, cols = rows.reshape(-1), cols.reshape(-1)
+  d_row = rows[:, None] - rows[None, :] + h - 1
+  d_col = cols[:, None] - cols[None, :] + w - 1
+  num_rel = num_relative_distances(grid)
+  index = np.zeros((h * w + 1, h * w + 1), np.int32)
+  index[1:, 1:] = d_row * (2 * w - 1) + d_col
+  index[0, :] = num_rel - 3
+  index[:, 0] = num_rel - 2
+  index[0, 0] = num_rel - 1
+  return index
+
+
+def sincos_2d_pos_embed(grid: tuple[int, int], dim: int, cls_token: bool = True) -> np.ndarray:
+  """Fixed 2-D sin-cos embedding in the CAE v2 layout (§5.1), float32.
+
+  Token (r, c) (row-major) gets [sin(r w), cos(r w), sin(c w), cos(c w)] with
+  w_k = 1 / 10000^(k / (dim/4)); a zero row is prepended for the cls token.
+  Returns (N+1, dim), or (N, dim) without cls.
+  """
+  if dim % 4:
+    raise ValueError(f'sincos_2d_pos_embed needs dim divisible by 4, got {dim}')
+  h, w = grid
+  quarter = dim // 4
+  omega = 1.0 / 10000.0**(np.arange(quarter, dtype=np.float64) / quarter)
+  rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
+  row_angles = rows.reshape(-1, 1) * omega[None]
+  col_angles = cols.reshape(-1, 1) * omega[None]
+  table = np.concatenate(
+      [np.sin(row_angles), np.cos(row_angles), np.sin(col_angles), np.cos(col_angles)], axis=1)
+  if cls_token:
+    table = np.concatenate([np.zeros((1, dim)), table], axis=0)
+  return table.astype(np.float32)
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+  """Stochastic depth decay rule: linspace(0, rate, depth) (§0.1 item 8)."""
+  return [float(r) for r in np.linspace(0.0, rate, depth)]
+
+
+# ----------------------------------------------------------------------------
+# Initialisers.
+# ----------------------------------------------------------------------------
+
+
+def trunc_normal_init(std: float = 0.02, cutoff: str = 'std') -> Initializer:
+  """Truncated normal without jax's variance correction.
+
+  cutoff 'std': truncated at +-1 std (BEiT v2 pretraining, CCViT, CAE), so the
+  resulting std is ~0.54 * std. 'abs2': truncated at absolute +-2 (timm's
+  default), effectively untruncated for std 0.02.
+  """
+  if cutoff == 'std':
+    lower, upper = -1.0, 1.0
+  elif cutoff == 'abs2':
+    lower, upper = -2.0 / std, 2.0 / std
+  else:
+    raise ValueError(f"cutoff must be 'std' or 'abs2', got {cutoff!r}")
+
+  def init(key, shape, dtype=jnp.float32):
+    sample = jax.random.truncated_normal(key, lower, upper, shape, jnp.float32)
+    return (sample * std).astype(dtype)
+
+  return init
+
+
+def torch_default_init() -> Initializer:
+  """PyTorch's default Linear/Conv weight init, kaiming_uniform(a=sqrt 5).
+
+  That is U(+-1/sqrt(fan_in)); fan_in is every kernel axis but the last
+  (Flax kernels are (..., in, out)).
+  """
+
+  def init(key, shape, dtype=jnp.float32):
+    bound = 1.0 / math.sqrt(math.prod(shape[:-1]))
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+  return init
+
+
+def torch_default_bias_init(fan_in: int) -> Initializer:
+  """PyTorch's default Linear/Conv bias init: U(+-1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+  return init
+
+
+def _check_init(init: str):
+  if init not in INITS:
+    raise ValueError(f'init must be one of {INITS}, got {init!r}')
+
+
+def _dense_inits(init: str, fan_in: int) -> tuple[Initializer, Initializer]:
+  """(kernel_init, bias_init) of a Linear layer under one of the conventions."""
+  _check_init(init)
+  if init == 'torch_default':
+    return torch_default_init(), torch_default_bias_init(fan_in)
+  cutoff = 'std' if init == 'beit' else 'abs2'
+  return trunc_normal_init(0.02, cutoff), nn.initializers.zeros_init()
+
+
+def _depth_rescaled(init_fn: Initializer, layer_id) -> Initializer:
+  """Divides an init by sqrt(2 * layer_id) (BEiT `fix_init_weight`).
+
+  layer_id may be a tracer (the layer index scanned over with nn.scan).
+  """
+  if layer_id is None:
+    return init_fn
+
+  def init(key, shape, dtype=jnp.float32):
+    scale = jnp.sqrt(2.0 * jnp.asarray(layer_id, jnp.float32))
+    return (init_fn(key, shape, jnp.float32) / scale).astype(dtype)
+
+  return init
+
+
+def _named(init_fn: Initializer, names: tuple) -> Initializer:
+  return nn.with_logical_partitioning(init_fn, names)
+
+
+def layer_norm(eps: float, param_dtype: Any, name: str) -> nn.LayerNorm:
+  """LayerNorm in fp32 with the exact two-pass variance PyTorch uses."""
+  return nn.LayerNorm(
+      epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, use_fast_variance=False,
+      scale_init=_named(nn.initializers.ones_init(), ('embed',)),
+      bias_init=_named(nn.initializers.zeros_init(), ('embed',)), name=name)
+
+
+def _apply_norm(norm: nn.LayerNorm, x: jax.Array) -> jax.Array:
+  return norm(x.astype(jnp.float32)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Modules.
+# ----------------------------------------------------------------------------
+
+
+class RelativePositionBias(nn.Module):
+  """Learned relative position bias table (zero init), gathered to (heads, N+1, N+1)."""
+  grid: tuple
+  num_heads: int
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    grid = tuple(self.grid)
+    table = self.param('relative_position_bias_table',
+                       _named(nn.initializers.zeros_init(), (None, 'heads')),
+                       (num_relative_distances(grid), self.num_heads), self.param_dtype)
+    index = relative_position_index(grid)
+    bias = jnp.take(table.astype(jnp.float32), index.reshape(-1), axis=0)
+    bias = bias.reshape(index.shape + (self.num_heads,))
+    return jnp.transpose(bias, (2, 0, 1))
+
+
+class Attention(nn.Module):
+  """BEiT multi-head self-attention (bias-free qkv + q/v biases).
+
+  Logits and softmax are computed in fp32 whatever the compute dtype.
+  """
+  dim: int
+  num_heads: int
+  qkv_bias: bool = True
+  weight_init: str = 'beit'
+  depth_rescale_layer_id: Any = None  # int, a tracer under nn.scan, or None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, rel_pos_bias=None, attn_mask=None):
+    """x: (B, N, D). rel_pos_bias: (heads, N, N). attn_mask: additive float or
+    boolean (True = attend), broadcastable to (B, heads, N, N)."""
+    batch, length, _ = x.shape
+    head_dim = self.dim // self.num_heads
+    kernel_init, bias_init = _dense_inits(self.weight_init, self.dim)
+    qkv = nn.Dense(3 * self.dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=_named(kernel_init, ('embed', 'qkv')), name='qkv')(x)
+    if self.qkv_bias:
+      # q/v biases start at zero under every convention; k has no bias at all.
+      zeros = _named(nn.initializers.zeros_init(), ('qkv',))
+      q_bias = self.param('q_bias', zeros, (self.dim,), self.param_dtype)
+      v_bias = self.param('v_bias', zeros, (self.dim,), self.param_dtype)
+      bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
+      qkv = qkv + bias.astype(qkv.dtype)
+    qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = q * jnp.asarray(head_dim**-0.5, q.dtype)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    if rel_pos_bias is not None:
+      logits = logits + rel_pos_bias.astype(jnp.float32)[None]
+    if attn_mask is not None:
+      if attn_mask.dtype == jnp.bool_:
+        logits = jnp.where(attn_mask, logits, jnp.finfo(jnp.float32).min)
+      else:
+        logits = logits + attn_mask.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v.astype(self.dtype))
+    out = out.reshape(batch, length, self.dim)
+    kernel_init, bias_init = _dense_inits(self.weight_init, self.dim)
+    return nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=_named(_depth_rescaled(kernel_init, self.depth_rescale_layer_id),
+                                       ('qkv', 'embed')),
+                    bias_init=_named(bias_init, ('embed',)), name='proj')(out)
+
+
+class Mlp(nn.Module):
+  """fc1 -> exact GELU -> fc2."""
+  dim: int
+  hidden_dim: int
+  weight_init: str = 'beit'
+  depth_rescale_layer_id: Any = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel_init, bias_init = _dense_inits(self.weight_init, self.dim)
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=_named(kernel_init, ('embed', 'mlp')),
+                 bias_init=_named(bias_init, ('mlp',)), name='fc1')(x)
+    x = nn.gelu(x, approximate=False)
+    kernel_init, bias_init = _dense_inits(self.weight_init, self.hidden_dim)
+    return nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=_named(_depth_rescaled(kernel_init, self.depth_rescale_layer_id),
+                                       ('mlp', 'embed')),
+                    bias_init=_named(bias_init, ('embed',)), name='fc2')(x)
+
+
+def _drop_path(module: nn.Module, x: jax.Array, rate, train: bool) -> jax.Array:
+  """Drops the whole residual branch per sample, rescaling kept ones by 1/keep."""
+  if not train or rate is None or (isinstance(rate, (int, float)) and rate == 0):
+    return x
+  keep = 1.0 - jnp.asarray(rate, jnp.float32)
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+  kept = jax.random.bernoulli(module.make_rng('dropout'), keep, shape)
+  return jnp.where(kept, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block with layer scale and drop path (§1.1).
+
+  rel_pos_grid, when set, gives the block its own relative position table
+  (scope 'rel_pos_bias'), added to any shared bias passed in.
+  """
+  dim: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  layer_scale_init: Optional[float] = 0.1
+  drop_path: Any = 0.0
+  ln_eps: float = 1e-6
+  weight_init: str = 'beit'
+  depth_rescale_layer_id: Any = None
+  rel_pos_grid: Optional[tuple] = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, rel_pos_bias=None, attn_mask=None, *, train: bool = False):
+    return self._forward(x, rel_pos_bias, attn_mask, train, self.depth_rescale_layer_id,
+                         self.drop_path)
+
+  def _forward(self, x, rel_pos_bias, attn_mask, train, rescale_layer_id, drop_rate):
+    """The block body; nn.scan passes the layer id and drop rate as tracers."""
+    _check_init(self.weight_init)
+    x = x.astype(self.dtype)
+    if self.rel_pos_grid is not None:
+      own_bias = RelativePositionBias(tuple(self.rel_pos_grid), self.num_heads,
+                                      self.param_dtype, name='rel_pos_bias')()
+      rel_pos_bias = own_bias if rel_pos_bias is None else rel_pos_bias + own_bias
+    attn = Attention(self.dim, self.num_heads, self.qkv_bias, self.weight_init, rescale_layer_id,
+                     self.dtype, self.param_dtype, name='attn')
+    mlp = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.weight_init, rescale_layer_id, self.dtype,
+              self.param_dtype, name='mlp')
+    norm1 = layer_norm(self.ln_eps, self.param_dtype, 'norm1')
+    norm2 = layer_norm(self.ln_eps, self.param_dtype, 'norm2')
+    if self.layer_scale_init:
+      scale_init = _named(nn.initializers.constant(self.layer_scale_init), ('embed',))
+      gamma_1 = self.param('gamma_1', scale_init, (self.dim,), self.param_dtype).astype(self.dtype)
+      gamma_2 = self.param('gamma_2', scale_init, (self.dim,), self.param_dtype).astype(self.dtype)
+    else:
+      gamma_1 = gamma_2 = None
+
+    branch = attn(_apply_norm(norm1, x), rel_pos_bias, attn_mask)
+    if gamma_1 is not None:
+      branch = gamma_1 * branch
+    x = x + _drop_path(self, branch, drop_rate, train)
+    branch = mlp(_apply_norm(norm2, x))
+    if gamma_2 is not None:
+      branch = gamma_2 * branch
+    return x + _drop_path(self, branch, drop_rate, train)
+
+
+class _LayerStep(Block):
+  """A Block with a scan-friendly signature: (x, (layer_id, drop_rate), ...) -> (x, y).
+
+  Used for nn.scan and nn.remat: `train` is an attribute (not a traced
+  argument), and the per-layer depth-rescale id and drop rate come in as
+  arguments so one stacked module can serve every layer. y is the block output
+  when keep_output (to collect return_layers under scan), else None.
+  """
+  train: bool = False
+  depth_rescale: bool = True
+  use_drop_path: bool = False
+  keep_output: bool = False
+
+  @nn.compact
+  def __call__(self, x, layer_args, rel_pos_bias=None, attn_mask=None):
+    layer_id, drop_rate = layer_args
+    x = self._forward(x, rel_pos_bias, attn_mask, self.train,
+                      layer_id if self.depth_rescale else None,
+                      drop_rate if self.use_drop_path else None)
+    x = nn.with_logical_constraint(x, ACT_AXES)
+    return x, (x if self.keep_output else None)
+
+
+class VisionTransformer(nn.Module):
+  """BEiT / timm-style ViT encoder returning every representation methods need.
+
+  Unrolled blocks live in scopes 'blocks_0'..'blocks_{depth-1}'; with
+  scan_layers they are one scope 'blocks' whose params have a leading 'layers'
+  axis (see convert.stack_layers / unstack_layers).
+  """
+  patch_size: int = 16
+  embed_dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  in_chans: int = 3
+  qkv_bias: bool = True
+  layer_scale_init: Optional[float] = 0.1
+  drop_path_rate: float = 0.0
+  rel_pos: str = 'shared'
+  abs_pos: str = 'none'
+  use_mask_token: bool = False
+  final_norm: bool = True
+  weight_init: str = 'beit'
+  depth_rescale: bool = True
+  ln_eps: float = 1e-6
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  scan_layers: bool = False
+  remat: bool = False
+
+  def _block_kwargs(self, grid):
+    return dict(dim=self.embed_dim, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                qkv_bias=self.qkv_bias, layer_scale_init=self.layer_scale_init,
+                ln_eps=self.ln_eps, weight_init=self.weight_init,
+                rel_pos_grid=grid if self.rel_pos == 'per_layer' else None,
+                dtype=self.dtype, param_dtype=self.param_dtype)
+
+  def _embed(self, images, mask):
+    """Patch embedding, mask-token mixing, cls token and absolute positions."""
+    batch, height, width, chans = images.shape
+    p = self.patch_size
+    if height % p or width % p or chans != self.in_chans:
+      raise ValueError(f'images {images.shape} do not fit patch {p} / in_chans {self.in_chans}')
+    grid = (height // p, width // p)
+    fan_in = p * p * chans
+    if self.weight_init == 'beit':
+      kernel_init, bias_init = trunc_normal_init(0.02, 'std'), nn.initializers.zeros_init()
+    else:  # the timm-style models leave the patch conv at PyTorch's default
+      kernel_init, bias_init = torch_default_init(), torch_default_bias_init(fan_in)
+    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=_named(kernel_init, (None, None, None, 'embed')),
+                bias_init=_named(bias_init, ('embed',)), name='patch_embed')(images)
+    x = x.reshape(batch, grid[0] * grid[1], self.embed_dim)
+
+    token_init = _named(trunc_normal_init(0.02, 'std' if self.weight_init == 'beit' else 'abs2'),
+                        (None, None, 'embed'))
+    if self.use_mask_token:
+      mask_token = self.param('mask_token', token_init, (1, 1, self.embed_dim), self.param_dtype)
+      if mask is not None:
+        w = mask[..., None].astype(x.dtype)
+        x = x * (1 - w) + mask_token.astype(x.dtype) * w
+    elif mask is not None:
+      raise ValueError('mask given but the model has use_mask_token=False')
+
+    cls_token = self.param('cls_token', token_init, (1, 1, self.embed_dim), self.param_dtype)
+    cls_token = jnp.broadcast_to(cls_token.astype(x.dtype), (batch, 1, self.embed_dim))
+    x = jnp.concatenate([cls_token, x], axis=1)
+
+    if self.abs_pos == 'learned':
+      pos = self.param('pos_embed', token_init, (1, x.shape[1], self.embed_dim), self.param_dtype)
+      x = x + pos.astype(x.dtype)
+    elif self.abs_pos == 'sincos':
+      x = x + jnp.asarray(sincos_2d_pos_embed(grid, self.embed_dim), x.dtype)[None]
+    elif self.abs_pos != 'none':
+      raise ValueError(f"abs_pos must be 'none', 'learned' or 'sincos', got {self.abs_pos!r}")
+    return x, grid
+
+  @nn.compact
+  def __call__(self, images, *, mask=None, train: bool = False,
+               return_layers: Sequence[int] = (), attn_mask=None) -> dict:
+    """images: (B, H, W, C); mask: (B, N) bool, True = masked (mixed with mask_token).
+
+    attn_mask: optional additive / boolean mask broadcastable to (B, heads, N+1, N+1).
+    Returns {'last', 'normed', 'layers': {l: block l output (1-based)}, 'rel_pos_bias'}.
+    """
+    _check_init(self.weight_init)
+    if self.rel_pos not in ('shared', 'per_layer', 'none'):
+      raise ValueError(f"rel_pos must be 'shared', 'per_layer' or 'none', got {self.rel_pos!r}")
+    return_layers = tuple(int(l) for l in return_layers)
+    for l in return_layers:
+      if not 1 <= l <= self.depth:
+        raise ValueError(f'return_layers entries are 1-based block ids in [1, {self.depth}], got {l}')
+
+    x, grid = self._embed(images, mask)
+    x = nn.with_logical_constraint(x, ACT_AXES)
+    rel_pos_bias = None
+    if self.rel_pos == 'shared':
+      rel_pos_bias = RelativePositionBias(grid, self.num_heads, self.param_dtype,
+                                          name='rel_pos_bias')()
+
+    rates = drop_path_rates(self.drop_path_rate, self.depth)
+    layers = {}
+    if self.scan_layers:
+      step = nn.remat(_LayerStep, prevent_cse=False) if self.remat else _LayerStep
+      scanned = nn.scan(
+          step, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+          in_axes=(0, nn.broadcast, nn.broadcast), length=self.depth,
+          metadata_params={nn.PARTITION_NAME: 'layers'})
+      layer_args = (jnp.arange(1, self.depth + 1, dtype=jnp.float32),
+                    jnp.asarray(rates, jnp.float32))
+      x, outputs = scanned(**self._block_kwargs(grid), train=train,
+                           depth_rescale=self.depth_rescale,
+                           use_drop_path=self.drop_path_rate > 0,
+                           keep_output=bool(return_layers), name='blocks')(
+                               x, layer_args, rel_pos_bias, attn_mask)
+      layers = {l: outputs[l - 1] for l in return_layers}
+    else:
+      for i in range(self.depth):
+        rescale_id = i + 1 if self.depth_rescale else None
+        if self.remat:
+          step = nn.remat(_LayerStep, prevent_cse=True)(
+              **self._block_kwargs(grid), train=train, depth_rescale=self.depth_rescale,
+              use_drop_path=rates[i] > 0, name=f'blocks_{i}')
+          x, _ = step(x, (rescale_id, rates[i]), rel_pos_bias, attn_mask)
+        else:
+          block = Block(**self._block_kwargs(grid), drop_path=rates[i],
+                        depth_rescale_layer_id=rescale_id, name=f'blocks_{i}')
+          x = block(x, rel_pos_bias, attn_mask, train=train)
+          x = nn.with_logical_constraint(x, ACT_AXES)
+        if i + 1 in return_layers:
+          layers[i + 1] = x
+
+    normed = x
+    if self.final_norm:
+      normed = _apply_norm(layer_norm(self.ln_eps, self.param_dtype, 'norm'), x)
+    return {'last': x, 'normed': normed, 'layers': layers, 'rel_pos_bias': rel_pos_bias}

@@ -1,0 +1,38 @@
+"""Test set-up: 8 fake CPU devices for sharding tests, and the torchvision shim.
+
+XLA_FLAGS must be set before JAX is first imported, so it lives here. Tests that
+need one device build a one-device mesh explicitly.
+"""
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+
+SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+  """Path of ../shared/data, or a skip when this clone has none."""
+  if not os.path.isdir(SHARED_DATA):
+    pytest.skip("../shared/data is absent (a user clone): this test needs the real images")
+  return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def torch_ref():
+  """Imports torch + timm with the torchvision shim; returns the torch module."""
+  torch = pytest.importorskip("torch", reason="torch is a test extra (pip install -e .[test])")
+  from mim_jax.testing import torch_compat
+  torch_compat.install()
+  torch.set_num_threads(2)
+  return torch
