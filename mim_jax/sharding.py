@@ -34,7 +34,8 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[Any] | None = None)
     raise ValueError(f"config.mesh: {dict(sizes)} needs {total} devices, "
                      f"but {len(devices)} are available")
   grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
-  return Mesh(grid, MESH_AXES)
+  # Auto axes: jit + logical sharding constraints (Explicit axes reject them).
+  return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def data_parallel_size(mesh: Mesh) -> int:

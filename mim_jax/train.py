@@ -307,7 +307,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       state, metrics = step_fn(state, batch)
       step += 1
       is_last = step == config.total_steps
-      save_now = step % config.checkpoint_every == 0 or is_last or stop["sig"] is not None
+      stopping = stop["sig"] is not None   # one snapshot: a signal can land at any line
+      save_now = step % config.checkpoint_every == 0 or is_last or stopping
       log_now = step % config.log_every == 0 or is_last
       if log_now or save_now:
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -317,8 +318,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if config.vis_every and step % config.vis_every == 0:
         _visualize(method, state, batch, workdir, step)
       if save_now:
-        ckpt.save(step, state, loader_state(it), force=stop["sig"] is not None)
-      if stop["sig"] is not None:
+        ckpt.save(step, state, loader_state(it), force=stopping)
+      if stopping:
         ckpt.wait()   # the process is about to end: the write must be complete
         logging.warning("signal %d: saved step %d in %s, exiting", stop["sig"], step,
                         ckpt.directory)

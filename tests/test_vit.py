@@ -352,6 +352,26 @@ def test_params_carry_logical_axis_names():
       jax.tree.leaves(nn.meta.unbox(variables))))
 
 
+def test_sharded_apply_with_logical_rules_matches_unsharded():
+  """The axis names resolve to a valid sharding (8 fake CPU devices, 4x2 mesh)."""
+  if jax.device_count() < 8:
+    pytest.skip('needs the 8 fake CPU devices of conftest.py')
+  model = vit.VisionTransformer(**TINY, scan_layers=True)
+  images = _images(batch=4)
+  params = _random_params(model, images)
+  expected = _apply(model, params, images)['normed']
+  mesh = jax.make_mesh((4, 2), ('data', 'model'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  rules = (('act_batch', 'data'), ('act_len', None), ('act_embed', None), ('embed', None),
+           ('mlp', 'model'), ('qkv', 'model'), ('heads', None), ('layers', None))
+  specs = nn.get_partition_spec(jax.eval_shape(lambda: model.init(_key(0), images)))['params']
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  sharded = jax.device_put(params, shardings)
+  assert sharded['blocks']['mlp']['fc1']['kernel'].sharding.spec == jax.P(None, None, 'model')
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    out = jax.jit(lambda p, x: model.apply({'params': p}, x)['normed'])(sharded, images)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------
 # 4. Scanned layers.
 # ----------------------------------------------------------------------------
