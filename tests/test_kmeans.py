@@ -86,6 +86,16 @@ def test_sharded_fit_equals_unsharded(mesh8):
   assert sharded.counts.sum() == len(x)
 
 
+def test_fewer_points_than_devices(mesh8):
+  # Whole shards of padding: 5 points over 8 devices.
+  x = np.array([[0, 0], [0, 1], [10, 10], [10, 11], [11, 10]], np.float32)
+  sharded = kmeans.fit(x, 2, iters=3, init=x[[0, 2]], mesh=mesh8)
+  single = kmeans.fit(x, 2, iters=3, init=x[[0, 2]])
+  np.testing.assert_allclose(np.asarray(sharded.centroids), np.asarray(single.centroids), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(sharded.centroids), [[0, 0.5], [31 / 3, 31 / 3]], atol=1e-5)
+  np.testing.assert_array_equal(sharded.counts, [2, 3])
+
+
 def test_chunk_size_does_not_change_the_result():
   x = blobs(5_000, 16, 12, spread=6.0, seed=4)
   results = [kmeans.fit(x, 12, iters=6, seed=0, chunk_size=c) for c in (7, 1000, 65536)]

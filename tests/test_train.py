@@ -261,3 +261,24 @@ def test_one_step_equal_on_single_device_dp_and_fsdp(tmp_path, tiny_npz):
   for other in (p_dp, p_fsdp):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5),
                  p1, other)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_npz):
+  workdir = str(tmp_path / "w")
+  ok = _run(workdir, tiny_flags(tiny_npz, total_steps=4, checkpoint_every=2))
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert _checkpoint_steps(workdir) == [2, 4]
+  # Resume with an absurd learning rate: the parameters blow up within a few steps.
+  bad = _run(workdir, tiny_flags(tiny_npz, total_steps=40, checkpoint_every=2,
+                                 **{"optim.lr": 1e30, "optim.warmup_steps": 0}))
+  assert bad.returncode == 3, bad.stderr[-2000:]
+  err = [l for l in bad.stderr.splitlines() if l.startswith("error:")]
+  assert len(err) == 1 and "non-finite" in err[0], bad.stderr[-2000:]
+  steps = _checkpoint_steps(workdir)
+  assert steps and max(steps) < 40
+  # Every checkpoint left behind is finite: restore the newest and check its parameters.
+  from mim_jax import features
+  params, _ = features.load_encoder_params(workdir)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+  assert f"step {max(steps)}" in err[0]

@@ -14,7 +14,6 @@ default init (only the depth rescale is applied), §1.3.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -253,6 +252,8 @@ class CCViT:
     panels = [patches2, corrupted, recon, tok_recon]
     imgs = [centroid_lib.unpatchify(p, self.patch, self.grid) for p in panels]
     grid = np.concatenate([np.concatenate(list(np.asarray(im)), axis=1) for im in imgs], axis=0)
+    scale = max(1, 128 // self.config.data.image_size)   # small images: enlarge, no blur
+    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     return (np.clip(grid, 0, 1) * 255).astype(np.uint8)
 
 

@@ -111,8 +111,14 @@ def load_embedded(images_per_class: int, image_size: int, seed: int):
 def build(source: str, out: str, path: Optional[str] = None, images_per_class: int = 50,
           k: int = 8192, iters: int = 20, patch_size: int = 16, image_size: int = 224,
           seed: int = 1, chunk_size: int = kmeans.DEFAULT_CHUNK_SIZE,
-          log=print) -> centroids_lib.CentroidTokenizer:
-  """Loads the images, clusters their patches over all local devices, saves `out`."""
+          reseed_empty: bool = True, log=print) -> centroids_lib.CentroidTokenizer:
+  """Loads the images, clusters their patches over all local devices, saves `out`.
+
+  `reseed_empty` (default on) moves empty clusters onto far points each
+  iteration: faiss, which the reference used, never leaves a cluster empty
+  either (it splits a large one), and duplicate patches in the random init
+  would otherwise waste tokens.
+  """
   if source not in SOURCES:
     raise BuildError(f"source={source!r} must be one of {SOURCES}")
   if source != "embedded":
@@ -149,14 +155,14 @@ def build(source: str, out: str, path: Optional[str] = None, images_per_class: i
     log(f"  iteration {iteration:3d}  inertia {inertia / 255.0 ** 2:.6g}  {seconds:.1f}s")
 
   result = kmeans.fit(patches, k, iters=iters, seed=seed, chunk_size=chunk_size, mesh=mesh,
-                      callback=progress)
+                      reseed_empty=reseed_empty, callback=progress)
   empty = int(np.sum(result.counts == 0))
   metadata = dict(
       image_size=image_size, num_images=int(len(images)), num_patches=int(patches.shape[0]),
       images_per_class=images_per_class, iterations=iters, seed=seed, dataset=description,
       preprocessing=f"Resize({int(math.floor(image_size / 0.875))}, bicubic) -> "
                     f"CenterCrop({image_size}) -> [0, 1]",
-      init="random distinct points (jax.random.key(seed))",
+      init="random distinct points (jax.random.key(seed))", reseed_empty=reseed_empty,
       inertia_history=[float(v) / 255.0 ** 2 for v in result.inertia_history],
       empty_clusters=empty)
   tokenizer = centroids_lib.CentroidTokenizer(np.asarray(result.centroids) / 255.0, patch_size,
@@ -180,6 +186,7 @@ def _define_flags():
   flags.DEFINE_integer("image_size", 224, "Centre-crop size.")
   flags.DEFINE_integer("seed", 1, "Seeds the image choice and the k-means init.")
   flags.DEFINE_integer("chunk_size", kmeans.DEFAULT_CHUNK_SIZE, "Points per distance block.")
+  flags.DEFINE_bool("reseed_empty", True, "Move empty clusters onto far points each iteration.")
   flags.DEFINE_string("out", None, "Output prefix: writes <out>.npy and <out>.json.")
   flags.mark_flag_as_required("out")
   return flags.FLAGS
@@ -191,7 +198,7 @@ def main(argv):
   f = flags.FLAGS
   build(f.source, f.out, path=f.path, images_per_class=f.images_per_class, k=f.k, iters=f.iters,
         patch_size=f.patch_size, image_size=f.image_size, seed=f.seed, chunk_size=f.chunk_size,
-        log=lambda message: print(message, flush=True))
+        reseed_empty=f.reseed_empty, log=lambda message: print(message, flush=True))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ init of the BEiT v2 quantizer.
 * Empty clusters keep their previous centroid (faiss instead splits a big
   cluster, scikit-learn moves far points). `reseed_empty=True` instead moves
   them onto the points farthest from their current centroid.
-* Init: K distinct points drawn with a JAX PRNG key (like faiss's default
+* Init: K distinct rows drawn with a JAX PRNG key (like faiss's default
   random init; k-means++ is too slow at this scale), or an explicit array.
+  Real patches repeat (flat or saturated regions), so a random init can hold
+  equal centroids, and all but one of them then start empty.
 """
 import functools
 import time
@@ -30,6 +32,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DEFAULT_CHUNK_SIZE = 4096
+# `reseed_empty` moves at most this many empty clusters per iteration (the rest
+# keep their centroid and are re-seeded in later iterations); it bounds the
+# top_k over each shard's distances.
+MAX_RESEED_PER_ITERATION = 1024
 
 
 class KMeansResult(NamedTuple):
@@ -206,8 +212,9 @@ def _place_points(points, mesh: Optional[Mesh], axis_name,
         rows = index[0]
         start, stop = rows.start or 0, padded_rows if rows.stop is None else rows.stop
         block = np.asarray(points[start:min(stop, num_points)], np.float32)
-        if stop > num_points:
-          block = np.concatenate([block, np.zeros((stop - num_points, dim), np.float32)])
+        missing = (stop - start) - block.shape[0]
+        if missing:
+          block = np.concatenate([block, np.zeros((missing, dim), np.float32)])
         return block
       placed = jax.make_array_from_callback((padded_rows, dim), sharding, shard_rows)
     else:
@@ -258,8 +265,9 @@ def fit(points,
     init: optional (K, D) initial centroids.
     spherical: l2-normalise points, assign by cosine (== squared L2 on the unit
       sphere) and re-normalise the means. Inertia is then sum(2 - 2 cos).
-    reseed_empty: move empty clusters onto the farthest points instead of
-      keeping their previous centroid.
+    reseed_empty: move empty clusters onto the points farthest from their
+      centroids (the r-th empty cluster onto the r-th farthest point, at most
+      MAX_RESEED_PER_ITERATION per iteration) instead of keeping them.
     bf16_matmul: bfloat16 distance matmul (float32 accumulation).
     callback: called as callback(iteration, inertia, seconds_since_start) after
       every assignment pass; iteration 0 is the init, `iters` the final pass.
@@ -300,7 +308,7 @@ def fit(points,
     num_local = placed.shape[0] // mesh.shape[axis_name]
   else:
     num_local = num_points
-  num_reseed = min(k, num_local) if reseed_empty else 0
+  num_reseed = min(k, num_local, MAX_RESEED_PER_ITERATION) if reseed_empty else 0
   step = _build_step(mesh, axis_name, int(chunk_size), bool(spherical), bool(bf16_matmul),
                      num_reseed)
   num_valid = jnp.int32(num_valid)
