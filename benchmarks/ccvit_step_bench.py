@@ -426,7 +426,8 @@ def main(argv=None):
       f'{time.perf_counter() - t_start:.0f}s',
       '- GFLOP/img: analytic, 3x forward (backbone + 2 pixel blocks + heads '
       'at masked∪replaced) + tokenizer distance matmul; compile s = first '
-      'call − median step', '',
+      'call − median step; loss = last step\'s, a sanity check only (JAX '
+      'follows the config\'s warm-up from lr 0, torch a constant 1.5e-3)', '',
       _fmt_row(['variant', 'framework', 'dtype', 'batch', 'img/s', 'step ms',
                 'GFLOP/img', 'GFLOP/s', 'compile s', 'loss']),
       _fmt_row(['---'] * 10),
