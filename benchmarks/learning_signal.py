@@ -114,8 +114,8 @@ def main():
       f"Command: `{cmd}`  ",
       f"Machine: {_machine()}; JAX {jax.__version__}, backend {jax.default_backend()}.  ",
       f"Model: ViT width {args.width}, depth {args.depth}, heads {args.heads}, patch 4, "
-      f"32 px; batch {args.batch_size}, {args.steps} steps "
-      f"({args.steps * args.batch_size / len(xtr):.1f} epochs of the 9,469 train images), "
+      f"32 px; batch {args.batch_size}, {step} steps "
+      f"({step * args.batch_size / len(xtr):.1f} epochs of the 9,469 train images), "
       f"pre-training wall time {train_s / 60:.1f} min (codebook + compile included); "
       f"last logged: loss_token {last.get('loss_token', float('nan')):.3f}, "
       f"loss_pixel {last.get('loss_pixel', float('nan')):.3f}, "

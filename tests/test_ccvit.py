@@ -221,3 +221,18 @@ def test_training_lowers_the_loss(method):
     first = first or {k: float(v) for k, v in m.items()}
   assert float(m["loss_token"]) < first["loss_token"] - 0.5
   assert float(m["loss_pixel"]) < first["loss_pixel"]
+
+
+def test_scanned_backbone_gives_the_same_losses(method, tmp_path):
+  """config.model.scan_layers (nn.scan over blocks) is a layout change, not a new model."""
+  from mim_jax.models import convert
+  batch = jax.tree.map(jnp.asarray, _batch(method))
+  params = nn.unbox(method.init(jax.random.PRNGKey(4), batch))["params"]
+  config = method.config.copy_and_resolve_references()
+  config.model.scan_layers = True
+  scanned = methods.build(config, workdir=None, source=None)
+  scanned_params = dict(params, backbone=convert.stack_layers(params["backbone"]))
+  ref = method.loss(params, {}, method.consts(), batch, None, train=False)[1]
+  got = scanned.loss(scanned_params, {}, scanned.consts(), batch, None, train=False)[1]
+  for k in ("loss_token", "loss_pixel"):
+    np.testing.assert_allclose(float(got[k]), float(ref[k]), rtol=1e-5)
