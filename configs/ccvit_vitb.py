@@ -1,8 +1,9 @@
 r"""CCViT ViT-B/16 pre-training on ImageNet-1k, 300 epochs (CCViT paper, Appendix A, Table 5).
 
 Command (a v4-64 / 8xA100-class setup; batch 2048 is global):
-  python -m mim_jax.tokenizers.build_centroids --source=tfds --name=imagenet2012 \
-      --images_per_class=50 --k=8192 --iters=20 --seed=1 --out=$DATA/ccvit_centroids_8192
+  python -m mim_jax.tokenizers.build_centroids --source=imagefolder \
+      --path=$DATA/imagenet/train --images_per_class=50 --k=8192 --iters=20 --seed=1 \
+      --out=$DATA/ccvit_centroids_8192
   python -m mim_jax.train --config=configs/ccvit_vitb.py \
       --config.tokenizer.path=$DATA/ccvit_centroids_8192 --workdir=$WORKDIR/ccvit_vitb
 
