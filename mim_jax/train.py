@@ -341,6 +341,9 @@ def loader_state(it) -> str:
 def _visualize(method, state, batch, workdir, step):
   if jax.process_index() != 0 or not hasattr(method, "visualize"):
     return
+  if not all(x.is_fully_addressable for x in jax.tree.leaves(state["params"])):
+    logging.info("visualisation skipped: parameters are spread over several hosts")
+    return
   local = {k: np.asarray(v.addressable_data(0)) for k, v in batch.items()}
   image = method.visualize(jax.device_get(state["params"]), state["extra"], state["consts"],
                            local)
