@@ -28,6 +28,7 @@ import optax
 from mim_jax import masking
 from mim_jax.data import transforms
 from mim_jax.models import vit
+from mim_jax.tokenizers import build_centroids
 from mim_jax.tokenizers import centroids as centroid_lib
 from mim_jax.tokenizers import kmeans
 
@@ -259,10 +260,10 @@ class CCViT:
 
 def build_codebook_from_source(source, *, k, images_per_class, iters, patch_size, image_size,
                                seed) -> centroid_lib.CentroidTokenizer:
-  """k-means codebook from up to `images_per_class` centre crops per label of `source`."""
+  """The codebook command's k-means over up to `images_per_class` centre crops per label of
+  `source` (the training data), for small data sets that ship without a codebook."""
   t0 = time.time()
-  rng = np.random.default_rng(seed)
-  order = rng.permutation(len(source))
+  order = np.random.default_rng(seed).permutation(len(source))
   per_class, picked = {}, []
   for i in order:
     ex = source[int(i)]
@@ -270,20 +271,12 @@ def build_codebook_from_source(source, *, k, images_per_class, iters, patch_size
     if per_class.get(label, 0) >= images_per_class:
       continue
     per_class[label] = per_class.get(label, 0) + 1
-    picked.append(transforms.resize_center_crop(ex["image"], image_size))
-    if len(picked) >= images_per_class * 1000:
-      break
-  images = np.stack(picked).astype(np.float32) / 255.0
-  points = np.asarray(centroid_lib.patchify(images, patch_size)).reshape(-1, 3 * patch_size ** 2)
-  k_eff = min(k, len(points))
-  result = kmeans.fit(points, k_eff, iters=iters, seed=seed)
-  tok = centroid_lib.CentroidTokenizer(np.asarray(result.centroids), patch_size=patch_size,
-                                       metadata=dict(
-                                           image_size=image_size, num_images=len(picked),
-                                           images_per_class=images_per_class, iterations=iters,
-                                           seed=seed, dataset=repr(source),
-                                           inertia_history=[float(x) for x in
-                                                            np.asarray(result.inertia_history)]))
-  logging.info("built a %d-centroid codebook from %d images (%d patches) in %.1fs",
-               k_eff, len(picked), len(points), time.time() - t0)
+    picked.append(build_centroids.resize_center_crop(ex["image"], image_size))
+  images = np.stack(picked)
+  k_eff = min(k, len(images) * (image_size // patch_size) ** 2)
+  tok = build_centroids.fit_codebook(images, k=k_eff, iters=iters, patch_size=patch_size,
+                                     seed=seed, images_per_class=images_per_class,
+                                     description=repr(source), log=logging.info)
+  logging.info("built a %d-centroid codebook from %d images in %.1fs", k_eff, len(images),
+               time.time() - t0)
   return tok

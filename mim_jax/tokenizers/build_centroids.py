@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh
 from PIL import Image
 
+from mim_jax.data import transforms
 from mim_jax.tokenizers import centroids as centroids_lib
 from mim_jax.tokenizers import kmeans
 
@@ -37,22 +38,16 @@ class BuildError(ValueError):
   """A bad argument or unusable input data (reported without a traceback)."""
 
 
-def resize_center_crop(image: Image.Image, image_size: int) -> np.ndarray:
+def resize_center_crop(image, image_size: int) -> np.ndarray:
   """Resize(shorter side to image_size / 0.875, bicubic) -> CenterCrop(image_size), uint8 HWC.
 
-  Same arithmetic as torchvision's Resize(int) and CenterCrop on PIL images
-  (256 -> 224 at the reference's size; timm's crop_pct 0.875 otherwise).
+  The reference's 256 -> 224 at its size (timm's crop_pct 0.875 otherwise); the crop
+  arithmetic is torchvision's, shared with the data pipeline.
   """
-  resize_to = int(math.floor(image_size / 0.875))
-  width, height = image.size
-  if width <= height:
-    new_size = (resize_to, int(resize_to * height / width))
-  else:
-    new_size = (int(resize_to * width / height), resize_to)
-  image = image.convert("RGB").resize(new_size, Image.BICUBIC)
-  top = int(round((new_size[1] - image_size) / 2.0))
-  left = int(round((new_size[0] - image_size) / 2.0))
-  return np.asarray(image.crop((left, top, left + image_size, top + image_size)), np.uint8)
+  if isinstance(image, Image.Image):
+    image = image.convert("RGB")
+  return transforms.resize_center_crop(image, image_size,
+                                       resize_size=int(math.floor(image_size / 0.875)))
 
 
 def _chosen(count: int, per_class: int, seed: int) -> np.ndarray:
@@ -108,6 +103,42 @@ def load_embedded(images_per_class: int, image_size: int, seed: int):
   return np.stack(out), "embedded: scikit-learn sample images (china.jpg, flower.jpg), random crops"
 
 
+def fit_codebook(images: np.ndarray, *, k: int, iters: int, patch_size: int, seed: int,
+                 images_per_class: int, description: str,
+                 chunk_size: int = kmeans.DEFAULT_CHUNK_SIZE, reseed_empty: bool = True,
+                 log=print) -> centroids_lib.CentroidTokenizer:
+  """k-means over the (c, y, x) patches of uint8 NHWC centre crops, on all local devices."""
+  image_size = int(images.shape[1])
+  # uint8 patches keep host memory at a quarter of float32 (7.5 GB for the
+  # reference's 9.8 M patches); Lloyd's algorithm commutes with scaling, so the
+  # centroids are divided by 255 afterwards instead of the pixels before.
+  patches = centroids_lib.patchify(images, patch_size).reshape(-1, 3 * patch_size * patch_size)
+  log(f"{len(images)} images -> {patches.shape[0]} patches of {patches.shape[1]} values "
+      f"({description})")
+  if k > patches.shape[0]:
+    raise BuildError(f"k={k} exceeds the number of patches ({patches.shape[0]})")
+
+  mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
+  log(f"k-means: k={k}, iters={iters}, {mesh.size} device(s) ({jax.local_devices()[0].platform})")
+
+  def progress(iteration, inertia, seconds):
+    log(f"  iteration {iteration:3d}  inertia {inertia / 255.0 ** 2:.6g}  {seconds:.1f}s")
+
+  result = kmeans.fit(patches, k, iters=iters, seed=seed, chunk_size=chunk_size, mesh=mesh,
+                      reseed_empty=reseed_empty, callback=progress)
+  empty = int(np.sum(result.counts == 0))
+  metadata = dict(
+      image_size=image_size, num_images=int(len(images)), num_patches=int(patches.shape[0]),
+      images_per_class=images_per_class, iterations=iters, seed=seed, dataset=description,
+      preprocessing=f"Resize({int(math.floor(image_size / 0.875))}, bicubic) -> "
+                    f"CenterCrop({image_size}) -> [0, 1]",
+      init="random distinct points (jax.random.key(seed))", reseed_empty=reseed_empty,
+      inertia_history=[float(v) / 255.0 ** 2 for v in result.inertia_history],
+      empty_clusters=empty)
+  return centroids_lib.CentroidTokenizer(np.asarray(result.centroids) / 255.0, patch_size,
+                                         metadata=metadata)
+
+
 def build(source: str, out: str, path: Optional[str] = None, images_per_class: int = 50,
           k: int = 8192, iters: int = 20, patch_size: int = 16, image_size: int = 224,
           seed: int = 1, chunk_size: int = kmeans.DEFAULT_CHUNK_SIZE,
@@ -139,36 +170,13 @@ def build(source: str, out: str, path: Optional[str] = None, images_per_class: i
     images, description = load_imagefolder(path, images_per_class, image_size, seed)
   else:
     images, description = load_embedded(images_per_class, image_size, seed)
-  # uint8 patches keep host memory at a quarter of float32 (7.5 GB for the
-  # reference's 9.8 M patches); Lloyd's algorithm commutes with scaling, so the
-  # centroids are divided by 255 afterwards instead of the pixels before.
-  patches = centroids_lib.patchify(images, patch_size).reshape(-1, 3 * patch_size * patch_size)
-  log(f"{len(images)} images -> {patches.shape[0]} patches of {patches.shape[1]} values "
-      f"({description}); {time.perf_counter() - start:.1f}s")
-  if k > patches.shape[0]:
-    raise BuildError(f"k={k} exceeds the number of patches ({patches.shape[0]})")
-
-  mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
-  log(f"k-means: k={k}, iters={iters}, {mesh.size} device(s) ({jax.local_devices()[0].platform})")
-
-  def progress(iteration, inertia, seconds):
-    log(f"  iteration {iteration:3d}  inertia {inertia / 255.0 ** 2:.6g}  {seconds:.1f}s")
-
-  result = kmeans.fit(patches, k, iters=iters, seed=seed, chunk_size=chunk_size, mesh=mesh,
-                      reseed_empty=reseed_empty, callback=progress)
-  empty = int(np.sum(result.counts == 0))
-  metadata = dict(
-      image_size=image_size, num_images=int(len(images)), num_patches=int(patches.shape[0]),
-      images_per_class=images_per_class, iterations=iters, seed=seed, dataset=description,
-      preprocessing=f"Resize({int(math.floor(image_size / 0.875))}, bicubic) -> "
-                    f"CenterCrop({image_size}) -> [0, 1]",
-      init="random distinct points (jax.random.key(seed))", reseed_empty=reseed_empty,
-      inertia_history=[float(v) / 255.0 ** 2 for v in result.inertia_history],
-      empty_clusters=empty)
-  tokenizer = centroids_lib.CentroidTokenizer(np.asarray(result.centroids) / 255.0, patch_size,
-                                              metadata=metadata)
+  log(f"{len(images)} images ({description}); {time.perf_counter() - start:.1f}s")
+  tokenizer = fit_codebook(images, k=k, iters=iters, patch_size=patch_size, seed=seed,
+                           images_per_class=images_per_class, description=description,
+                           chunk_size=chunk_size, reseed_empty=reseed_empty, log=log)
   npy_path, json_path = tokenizer.save(out)
-  log(f"wrote {npy_path} and {json_path} ({empty} empty clusters); "
+  log(f"wrote {npy_path} and {json_path} "
+      f"({tokenizer.metadata['empty_clusters']} empty clusters); "
       f"{time.perf_counter() - start:.1f}s in all")
   return tokenizer
 
