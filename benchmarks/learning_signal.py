@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import os
 import platform
 import subprocess
@@ -32,16 +31,12 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mim_jax import features, methods, train  # noqa: E402
+from mim_jax import config_lib, features, methods, train  # noqa: E402
 from mim_jax.methods import ccvit  # noqa: E402
 
 
 def _config(args):
-  spec = importlib.util.spec_from_file_location(
-      "cfg", os.path.join(ROOT, "configs", "ccvit_vitb.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("runlocal")
+  c = config_lib.load_config("ccvit_vitb", "runlocal")
   c.data.source, c.data.path, c.data.split = "npz", args.npz, "train"
   c.model.width, c.model.depth, c.model.heads = args.width, args.depth, args.heads
   c.method.early_layers = max(1, args.depth * 3 // 4)

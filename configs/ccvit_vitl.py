@@ -12,13 +12,12 @@ layer 21 of 24; batch 2048 (32/GPU x update_freq 16 in the official run). FSDP i
 (config.mesh.fsdp) for the 300M-parameter model plus AdamW state.
 Smoke run: python -m mim_jax.train --config=configs/ccvit_vitl.py:runlocal --workdir=/tmp/l
 """
-import importlib.util
 import os
 
-_spec = importlib.util.spec_from_file_location(
-    "ccvit_vitb", os.path.join(os.path.dirname(os.path.abspath(__file__)), "ccvit_vitb.py"))
-ccvit_vitb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ccvit_vitb)
+from mim_jax import config_lib
+
+ccvit_vitb = config_lib.load_module(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "ccvit_vitb.py"))
 
 
 def get_config(arg: str = ""):

@@ -7,6 +7,7 @@ convention).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import ml_collections as mlc
@@ -17,6 +18,25 @@ SHARED_DATA_DIR = os.environ.get(
     os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
                  "data"))
 IMAGENET_TRAIN_SIZE = 1_281_167
+
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_module(name_or_path: str):
+  """Imports a config file ('ccvit_vitb' or a path); configs/ is not a Python package."""
+  path = name_or_path if name_or_path.endswith(".py") else os.path.join(
+      CONFIGS_DIR, name_or_path + ".py")
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config(name_or_path: str, arg: str = "") -> mlc.ConfigDict:
+  """`get_config(arg)` of a config file, as `--config=<file>:<arg>` would give it."""
+  return load_module(name_or_path).get_config(arg)
 
 
 def parse_arg(arg: str, **spec) -> mlc.ConfigDict:

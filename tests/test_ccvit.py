@@ -1,6 +1,4 @@
 """CCViT fidelity: corruption, pixel targets, loss positions, pixel-block wiring (§4)."""
-import importlib.util
-import os
 
 import flax.linen as nn
 import jax
@@ -9,23 +7,19 @@ import numpy as np
 import optax
 import pytest
 
+from mim_jax import config_lib
 from mim_jax import methods
 from mim_jax.methods import ccvit
 from mim_jax.models import vit
 from mim_jax.tokenizers import centroids as centroid_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 PATCH, SIZE, K = 4, 16, 32
 
 
 def _config(tok_path):
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "configs",
-                                                                    "ccvit_vitb.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("")
+  c = config_lib.load_config("ccvit_vitb")
   c.data.source, c.data.image_size, c.data.second_image_size = "embedded", SIZE, SIZE
   c.model.variant, c.model.width, c.model.depth, c.model.heads = f"T/{PATCH}", 32, 3, 2
   c.method.num_masked, c.method.num_replaced, c.method.min_block = 6, 3, 2

@@ -212,12 +212,8 @@ def test_one_step_equal_on_single_device_dp_and_fsdp(tmp_path, tiny_npz):
   if jax.device_count() < 8:
     pytest.skip("needs 8 (fake) devices: run with the conftest's XLA_FLAGS")
   from mim_jax import methods, sharding, train
-  sys.path.insert(0, os.path.dirname(CONFIG))
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("cfg", CONFIG)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config("")
+  from mim_jax import config_lib
+  config = config_lib.load_config(CONFIG)
   config.unlock()
   for item in tiny_flags(tiny_npz, batch_size=16):
     key, value = item[len("--config."):].split("=", 1)
