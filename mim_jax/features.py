@@ -14,16 +14,24 @@ from mim_jax.data import transforms
 from mim_jax.models import vit
 
 
-def load_encoder_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
-  """The backbone parameters of a mim_jax pre-training checkpoint (no heads, no optimizer)."""
+def load_trained_state(workdir: str, step: int | None = None) -> tuple[Any, Any, int]:
+  """(params, extra, step) of a mim_jax checkpoint: every trained parameter and the mutable
+  collections (codebooks, their statistics), without the optimizer state. Host numpy."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints directory in {workdir}")
   with ocp.CheckpointManager(directory, item_names=("state", "data")) as mngr:
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {directory}")
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(restore_args=None)))
-  params = restored.state["params"]
+  return restored.state["params"], restored.state.get("extra", {}), step
+
+
+def load_encoder_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
+  """The backbone parameters of a mim_jax pre-training checkpoint (no heads, no optimizer)."""
+  params, _, step = load_trained_state(workdir, step)
   return params.get("backbone", params), step
 
 
