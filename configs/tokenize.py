@@ -19,9 +19,12 @@ Expected: one row of `num_tokens` int16 ids per training image in <cache>/tokens
 for k-CLIP / VQ-KD / PeCo at 224 px), <cache>/meta.json recording the tokenizer, view and
 source. The reference stores k-CLIP tokens as int16 too. Re-running resumes.
 
-Smoke run on 2 CPU cores (../shared/data or the embedded photos; a small pixel-centroid
-tokenizer is built first, ~1 min):
+Smoke runs on 2 CPU cores (../shared/data or the embedded photos). A small tokenizer is
+built first beside the cache: k-CLIP from a random small ModifiedResNet (the default), or
+pixel centroids:
   python -m mim_jax.tokenize --config=configs/tokenize.py:runlocal --config.cache.path=/tmp/tok
+  python -m mim_jax.tokenize --config=configs/tokenize.py:runlocal,tokenizer=centroids \
+      --config.cache.path=/tmp/tok_centroids
 """
 from mim_jax import config_lib
 
@@ -41,6 +44,11 @@ def get_config(arg: str = ""):
   c.tokenizer.images_per_class = 50
   c.tokenizer.patch_size = 16             # centroids only
   c.tokenizer.resize = 0                  # centroids: Resize before the crop (0: = size)
+  # kclip + build_if_missing only (python -m mim_jax.tokenizers.kclip builds the real one):
+  c.tokenizer.clip = ""                   # CLIP ResNet: OpenAI .pt, converted .npz, random:..
+  c.tokenizer.clip_image_size = 0         # 0: the CLIP model's own resolution
+  c.tokenizer.sample_patches = 0          # 0: 64 x k
+  c.tokenizer.max_images = 0              # 0: the whole split
 
   c.data = config_lib.base_config().data
   c.data.split = "train"
@@ -57,8 +65,13 @@ def get_config(arg: str = ""):
     tiny = config_lib.base_config()
     config_lib.runlocal(tiny)
     c.data = tiny.data
-    c.tokenizer.kind = "centroids" if a.tokenizer == "kclip" else a.tokenizer
+    c.tokenizer.kind = a.tokenizer
     c.tokenizer.build_if_missing = True
+    # k-CLIP stand-in: a random small ModifiedResNet; layer 4 (stride 32) at 256 px gives
+    # the 8 x 8 grid of the smoke-run student.
+    c.tokenizer.clip = "random:RN50,width=8,layers=1-1-1-1"
+    c.tokenizer.clip_image_size = 256
+    c.tokenizer.max_images = 512
     c.tokenizer.k = 256
     c.tokenizer.iters = 10
     c.tokenizer.images_per_class = 20

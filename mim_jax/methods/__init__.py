@@ -15,6 +15,8 @@ import importlib
 
 _METHODS = {
     "ccvit": "mim_jax.methods.ccvit:CCViT",
+    "peco_vqvae": "mim_jax.methods.peco_vqvae:PeCoVQVAE",
+    "vqkd": "mim_jax.methods.vqkd:VQKD",
 }
 
 

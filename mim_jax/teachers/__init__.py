@@ -1,0 +1,1 @@
+"""Frozen teachers (CLIP, perceptual ViTs) in Flax, with converters from PyTorch weights."""
