@@ -32,7 +32,6 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mim_jax import quantizers
 from mim_jax.models import vit
