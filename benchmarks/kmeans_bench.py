@@ -15,9 +15,7 @@ import argparse
 import datetime
 import glob
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 
@@ -26,6 +24,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_util  # noqa: E402
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 
@@ -122,20 +122,6 @@ def run_sklearn(points, init, iters):
   return km.cluster_centers_.astype(np.float32), time.perf_counter() - start, None
 
 
-def _machine() -> str:
-  cpu = platform.processor() or "unknown CPU"
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  try:
-    cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-  except OSError:
-    cores = str(os.cpu_count())
-  return f"{cores} cores (nproc), {cpu}"
-
-
 def _versions() -> str:
   out = []
   for name in ("jax", "faiss", "sklearn", "numpy"):
@@ -209,7 +195,7 @@ def main(argv=None):
   report = "\n".join([
       f"### k-means: {args.num_points} x {points.shape[1]} points, K={args.k}, {args.iters} "
       f"iterations ({datetime.date.today().isoformat()})",
-      "", f"- command: `{command}`", f"- machine: {_machine()}", f"- versions: {_versions()}",
+      "", f"- command: `{command}`", f"- machine: {bench_util.machine()}", f"- versions: {_versions()}",
       f"- points: {description}", f"- fastest of {args.rounds} interleaved round(s); "
       "same points and same init for every method; wall time "
       "excludes JAX compilation; the JAX time includes one extra assignment pass (the final "

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mim_jax import config_lib, features, methods, train  # noqa: E402
+import bench_util  # noqa: E402  (benchmarks/, first on sys.path)
 from mim_jax.methods import ccvit  # noqa: E402
 
 
@@ -49,16 +49,6 @@ def _config(args):
   c.checkpoint_every = args.steps
   c.tokenizer.images_per_class = 100
   return c
-
-
-def _machine():
-  cpu = "unknown CPU"
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return f"{os.cpu_count()} cores, {cpu}, {platform.platform()}"
 
 
 def main():
@@ -107,7 +97,7 @@ def main():
       f"### CCViT learning signal ({datetime.date.today().isoformat()})",
       "",
       f"Command: `{cmd}`  ",
-      f"Machine: {_machine()}; JAX {jax.__version__}, backend {jax.default_backend()}.  ",
+      f"Machine: {bench_util.machine()}; JAX {jax.__version__}, backend {jax.default_backend()}.  ",
       f"Model: ViT width {args.width}, depth {args.depth}, heads {args.heads}, patch 4, "
       f"32 px; batch {args.batch_size}, {step} steps "
       f"({step * args.batch_size / len(xtr):.1f} epochs of the 9,469 train images), "

@@ -44,9 +44,11 @@ Where this differs from the paper / official code:
     quantizer and the losses stay fp32 as in the reference.
 
 Smoke run on 2 CPU cores (../shared/data 32 px images, patch 4 -> 8 x 8 tokens, a small
-encoder/decoder, 1,024 codes, a small random CLIP ViT with patch 4 at 32 px standing in for
-the teacher; a few minutes):
+encoder/decoder, 1,024 codes with dead-code restarts, a small random CLIP ViT with patch 4 at
+32 px standing in for the teacher; 150 steps, ~1.5 min):
   python -m mim_jax.train --config=configs/vqkd_vitb.py:runlocal --workdir=/tmp/vqkd_smoke
+Expected: loss 0.57 -> 0.10, and 88 % of the 1,024 codes used on 2,000 test images
+(python -m mim_jax.tokenizer_report --tokenizer=vqkd:/tmp/vqkd_smoke --num_images=2000 ...).
 """
 from mim_jax import config_lib
 from mim_jax.tokenizers import vqkd
@@ -103,6 +105,11 @@ def apply_runlocal(c):
   patch = int(c.model.variant.split("/")[1])
   size = c.data.image_size
   c.vqkd.update(num_codes=1024, decoder_depth=1, decoder_width=128, decoder_heads=4)
+  # Flagged deviation, smoke run only: the reference never restarts codes. In 150 steps with
+  # a random teacher the faithful setting keeps 28 % of the 1,024 codes in use on the test
+  # split; re-seeding codes whose EMA count falls below 0.3 keeps 88 % (BENCHMARKS.md §4).
+  c.vqkd.restart_dead_codes = True
+  c.vqkd.dead_code_threshold = 0.3
   c.teacher.path = ""
   # A random CLIP ViT on the same grid (CLIP_VISION_CONFIGS['ViT-B/16'] shrunk, 512-d out).
   c.teacher.random_init = (f"random:ViT-B/16,width=64,layers=2,patch_size={patch},"

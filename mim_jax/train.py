@@ -14,7 +14,6 @@ import logging as logging_std
 import os
 import signal
 import sys
-import time
 from typing import Any
 
 from absl import app
@@ -28,7 +27,6 @@ import numpy as np
 import optax
 
 from mim_jax import checkpoint as ckpt_lib
-from mim_jax import config_lib
 from mim_jax import methods
 from mim_jax import metrics as metrics_lib
 from mim_jax import optim
@@ -383,7 +381,10 @@ class _QuietOrbax(logging_std.Filter):
     return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
 
 
-def main(argv):
+def run_cli(argv, fn):
+  """The shared body of `python -m mim_jax.train` / `mim_jax.evaluate`: reads --config and
+  --workdir and returns fn(config, workdir); configuration problems end in a one-line error
+  and exit 2, a non-finite loss in exit 3."""
   logging.get_absl_handler().addFilter(_QuietOrbax())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -399,13 +400,17 @@ def main(argv):
       print(f"error: {name} is required", file=sys.stderr)
       sys.exit(2)
   try:
-    row = train_and_evaluate(config, _WORKDIR.value)
+    return fn(config, _WORKDIR.value)
   except (ConfigError, ckpt_lib.IncompatibleCheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except FloatingPointError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
+
+
+def main(argv):
+  row = run_cli(argv, train_and_evaluate)
   if row:
     logging.info("done: %s", json.dumps(row))
 

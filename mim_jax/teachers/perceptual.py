@@ -35,7 +35,6 @@ abs_pos='learned', weight_init='timm')`. Checkpoints (torch is imported lazily):
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import re
@@ -47,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim_jax import torch_io
 from mim_jax.data import transforms
 from mim_jax.models import convert
 from mim_jax.models import vit
@@ -231,20 +231,10 @@ def _check_against_model(params: dict, arch: dict, source: str) -> None:
 
 
 def _torch_load(path: str) -> Any:
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"perceptual teacher checkpoint {path} does not exist")
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(f"reading {path} needs torch (pip install torch), or convert it once "
-                      "elsewhere: python -m mim_jax.teachers.perceptual --checkpoint=... "
-                      "--out=....npz") from e
-  try:
-    return torch.load(path, map_location="cpu", weights_only=True)
-  except Exception:  # pylint: disable=broad-except
-    # Training checkpoints pickle argparse Namespaces (DINO 'args'): trusted files only.
-    logging.info("%s: weights_only load failed, loading the full pickle", path)
-    return torch.load(path, map_location="cpu", weights_only=False)
+  return torch_io.load_file(
+      path, what="perceptual teacher checkpoint",
+      convert_hint="convert it once elsewhere: python -m mim_jax.teachers.perceptual "
+                   "--checkpoint=... --out=....npz")
 
 
 def _strip(sd: Mapping[str, Any], prefixes: Sequence[str]) -> dict:

@@ -26,6 +26,7 @@ import sys
 import time
 
 from absl import app
+from absl import flags
 from absl import logging
 import grain.python as grain
 import jax
@@ -211,14 +212,10 @@ def build_from_config(config, source, out: str) -> KClipTokenizer:
 
 
 # ------------------------------------------------------------------ CLI
-_CONFIG = config_flags.DEFINE_config_file("config", None, "k-CLIP build config.",
-                                          lock_config=True)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  c = _CONFIG.value
+  c = flags.FLAGS.config
   if c is None:
     print("error: --config is required", file=sys.stderr)
     sys.exit(2)
@@ -241,4 +238,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: this module is imported by processes (the trainer, the
+  # token cache) that define their own --config.
+  config_flags.DEFINE_config_file("config", None, "k-CLIP build config.", lock_config=True)
   app.run(main)

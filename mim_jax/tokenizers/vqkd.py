@@ -20,10 +20,8 @@ Inputs to the module are images in [-1, 1] (the reference's `pre_process`: [0, 1
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
-import pickle
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -32,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mim_jax import quantizers
+from mim_jax import torch_io
 from mim_jax.models import convert
 from mim_jax.models import vit
 from mim_jax.tokenizers.base import Tokenizer, View
@@ -41,7 +40,8 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Defaults of config.vqkd: `vqkd_encoder_base_decoder_3x768x12_clip` (modeling_vqkd.py).
 DEFAULTS = dict(num_codes=8192, code_dim=32, decoder_depth=3, decoder_width=0,
                 decoder_heads=0, target_dim=512, decay=0.99, beta=1.0, kmeans_init=True,
-                kmeans_iters=10, restart_dead_codes=False)
+                kmeans_iters=10, restart_dead_codes=False,
+                dead_code_threshold=1e-3)
 
 # The official get_code pipeline (test_get_code.py): Resize(256) -> CenterCrop(224), bicubic.
 VIEW_RESIZE_RATIO = 256 / 224
@@ -101,6 +101,7 @@ class VQKD(nn.Module):
   kmeans_init: bool = True
   kmeans_iters: int = 10
   restart_dead_codes: bool = False
+  dead_code_threshold: float = 1e-3
   dtype: Any = jnp.float32
   scan_layers: bool = False
   remat: bool = False
@@ -118,7 +119,8 @@ class VQKD(nn.Module):
     self.quantize = quantizers.NormEMAQuantizer(
         self.num_codes, self.code_dim, decay=self.decay, beta=self.beta,
         kmeans_init=self.kmeans_init, kmeans_iters=self.kmeans_iters,
-        restart_dead_codes=self.restart_dead_codes)
+        restart_dead_codes=self.restart_dead_codes,
+        dead_code_threshold=self.dead_code_threshold)
     if self.decoder_depth > 0:
       self.decoder = PatchTokenViT(patch_size=1, in_chans=self.code_dim,
                                    embed_dim=self.decoder_embed_dim, depth=self.decoder_depth,
@@ -188,7 +190,8 @@ def model_from_config(config: Mapping[str, Any]) -> VQKD:
               code_dim=int(q["code_dim"]), num_codes=int(q["num_codes"]),
               target_dim=int(q["target_dim"]), decay=float(q["decay"]), beta=float(q["beta"]),
               kmeans_init=bool(q["kmeans_init"]), kmeans_iters=int(q["kmeans_iters"]),
-              restart_dead_codes=bool(q["restart_dead_codes"]), dtype=_DTYPES[dtype],
+              restart_dead_codes=bool(q["restart_dead_codes"]),
+              dead_code_threshold=float(q["dead_code_threshold"]), dtype=_DTYPES[dtype],
               scan_layers=bool(_get(m, "scan_layers", False)),
               remat=bool(_get(m, "remat", False)))
 
@@ -324,20 +327,9 @@ def convert_official_state_dict(state_dict: Mapping[str, Any], *, num_heads: int
 
 
 def load_torch_checkpoint(path: str) -> Mapping[str, Any]:
-  """torch.load on CPU; weights-only first, full unpickling only if the file needs it."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError("reading a PyTorch VQ-KD checkpoint needs torch (pip install torch); "
-                      "training and tokenizing from a mim_jax workdir do not") from e
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"VQ-KD checkpoint {path} does not exist")
-  try:
-    return torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError:
-    logging.warning("%s holds non-tensor objects; loading it with weights_only=False "
-                    "(only do this for files you trust)", path)
-    return torch.load(path, map_location="cpu", weights_only=False)
+  """The released tokenizer's .pth on CPU (torch needed for this only)."""
+  return torch_io.load_file(path, what="VQ-KD checkpoint",
+                            convert_hint="training and tokenizing from a mim_jax workdir do not")
 
 
 # ----------------------------------------------------------------------------- tokenizer
