@@ -1,6 +1,6 @@
 r"""One table that compares every available pre-training method on real images.
 
-  python benchmarks/compare_methods.py --steps=400 --eval_at=100,200,400 \
+  python benchmarks/compare_methods.py --steps=400 --eval_at=100,200,400 --finetune \
       --out=/tmp/compare/result.md
 
 Each method in METHODS is pre-trained through the real trainer (`python -m mim_jax.train`)
@@ -9,8 +9,11 @@ with its `:runlocal` config on ../shared/data/imagenette2_32.npz, all with the s
 `--eval_at` its checkpoint is evaluated with `python -m mim_jax.evaluate`: kNN (k = 20,
 cosine, T = 0.07) and a linear probe (BatchNorm without affine + linear head, features
 precomputed, 30 epochs), both on all 9,469 train and 3,925 test images. The same
-architecture at its random initialisation is the baseline. Writes the markdown table (with
-command, machine, date) and a PNG of probe accuracy against pre-training steps.
+architecture at its random initialisation is the baseline. `--finetune` also fine-tunes the
+last checkpoint and the random init (configs/eval/finetune.py:runlocal: 5 epochs, the BEiT
+recipe's augmentation and layer decay). Writes the markdown table (with command, machine,
+date) and a PNG of probe accuracy against pre-training steps. Every finished piece (a
+pre-training run, an evaluation's results.json) is reused when the command is run again.
 
 Methods plug in by adding a row to METHODS (name, config, tokenizer, extra overrides).
 """
@@ -46,6 +49,11 @@ def _run(cmd: list[str], what: str) -> float:
 
 
 def pretrain(name: str, workdir: str, npz: str, steps: int, eval_at: list[int]) -> float:
+  """Pre-trains (or, when its last checkpoint exists, reuses) a method; wall seconds."""
+  done = os.path.join(workdir, "pretrain_seconds.json")
+  if os.path.exists(done) and os.path.isdir(os.path.join(workdir, "checkpoints", str(steps))):
+    with open(done) as f:
+      return json.load(f)["seconds"]
   config, _, extra = METHODS[name]
   every = eval_at[0]
   for s in eval_at:   # checkpoints exactly at the evaluation steps
@@ -55,20 +63,30 @@ def pretrain(name: str, workdir: str, npz: str, steps: int, eval_at: list[int]) 
          f"--config.data.path={npz}", f"--config.total_steps={steps}",
          f"--config.checkpoint_every={every}", f"--config.keep_checkpoints={steps // every + 1}",
          "--config.vis_every=0", *MODEL, *extra]
-  return _run(cmd, f"pre-training {name}")
+  seconds = _run(cmd, f"pre-training {name}")
+  with open(done, "w") as f:
+    json.dump({"seconds": seconds, "command": cmd}, f)
+  return seconds
 
 
 def evaluate(protocol: str, init: str, step: int, workdir: str, npz: str) -> dict:
+  """Runs one protocol's :runlocal config (or reuses its results.json: re-runs resume)."""
+  results = os.path.join(workdir, "results.json")
+  if os.path.exists(results):
+    with open(results) as f:
+      return json.load(f)
   cmd = [sys.executable, "-m", "mim_jax.evaluate", f"--config=configs/eval/{protocol}.py:runlocal",
          f"--config.init={init}", f"--workdir={workdir}", f"--config.data.path={npz}",
          *MODEL]
   if step:
     cmd.append(f"--config.init_step={step}")
-  seconds = _run(cmd, f"{protocol} of {init}@{step}")
-  with open(os.path.join(workdir, "results.json")) as f:
-    out = json.load(f)
-  out["seconds"] = seconds
-  return out
+  _run(cmd, f"{protocol} of {init}@{step}")
+  with open(results) as f:
+    return json.load(f)
+
+
+def _pct(x) -> str:
+  return "-" if x is None else f"{x:.2f} %"
 
 
 def _probe_top1(r: dict) -> float:
@@ -104,6 +122,9 @@ def main() -> int:
   p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {sorted(METHODS)}")
   p.add_argument("--steps", type=int, default=400)
   p.add_argument("--eval_at", default="100,200,400", help="pre-training steps to evaluate")
+  p.add_argument("--finetune", action="store_true",
+                 help="also fine-tune the last checkpoint and the random init "
+                      "(configs/eval/finetune.py:runlocal, 5 epochs)")
   p.add_argument("--out", required=True, help="markdown file; workdirs and the PNG go beside it")
   args = p.parse_args()
   if not os.path.exists(args.npz):
@@ -125,6 +146,10 @@ def main() -> int:
   rand_knn = evaluate("knn", "random", 0, os.path.join(base, "random_knn"), args.npz)
   rand_lin = evaluate("linear_probe", "random", 0, os.path.join(base, "random_probe"), args.npz)
   baseline = {"knn": 100 * rand_knn["knn_top1"], "probe": 100 * _probe_top1(rand_lin)}
+  if args.finetune:
+    print("random-init fine-tuning ...", flush=True)
+    rand_ft = evaluate("finetune", "random", 0, os.path.join(base, "random_finetune"), args.npz)
+    baseline["finetune"] = 100 * _probe_top1(rand_ft)
 
   rows, times = {}, {}
   for name in names:
@@ -139,6 +164,11 @@ def main() -> int:
                      args.npz)
       rows[name].append({"step": step, "knn": 100 * k["knn_top1"],
                          "probe": 100 * _probe_top1(lin)})
+    if args.finetune:
+      print(f"  fine-tuning {name} @ {eval_at[-1]} ...", flush=True)
+      ft = evaluate("finetune", workdir, eval_at[-1], os.path.join(base, f"{name}_finetune"),
+                    args.npz)
+      rows[name][-1]["finetune"] = 100 * _probe_top1(ft)
 
   png = os.path.join(base, "compare_methods.png")
   plot(rows, baseline["probe"], png)
@@ -150,12 +180,14 @@ def main() -> int:
            "Data: ../shared/data/imagenette2_32.npz, 9,469 train / 3,925 test images, 10 "
            "classes. Encoder: ViT width 128, depth 4, 4 heads, patch 4, 32 px; batch 64.", "",
            "| method | tokenizer | budget (steps) | pre-training wall time | kNN top-1 | "
-           "linear probe top-1 | random init: kNN / probe |", "|---|---|---|---|---|---|---|"]
+           "linear probe top-1 | fine-tune top-1 (5 epochs) |", "|---|---|---|---|---|---|---|",
+           f"| random init | - | 0 | - | {baseline['knn']:.2f} % | {baseline['probe']:.2f} % | "
+           f"{_pct(baseline.get('finetune'))} |"]
   for name in names:
     for r in rows[name]:
       lines.append(f"| {name} | {METHODS[name][1]} | {r['step']} | "
                    f"{times[name] / 60:.1f} min for {args.steps} | {r['knn']:.2f} % | "
-                   f"{r['probe']:.2f} % | {baseline['knn']:.2f} % / {baseline['probe']:.2f} % |")
+                   f"{r['probe']:.2f} % | {_pct(r.get('finetune'))} |")
   lines += ["", f"Probe accuracy against pre-training steps: `{os.path.basename(png)}`.", ""]
   text = "\n".join(lines)
   with open(args.out, "w") as f:

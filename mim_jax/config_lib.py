@@ -130,6 +130,11 @@ def base_config() -> mlc.ConfigDict:
   c.data.second_interpolation = "bicubic"
   c.data.worker_count = 8
   c.data.length = 1024                  # virtual length of the embedded photo source
+
+  # kNN top-1 of the encoder every `every` steps (0: off), mim_jax/evaluation/monitor.py.
+  c.knn_monitor = mlc.ConfigDict(dict(
+      every=0, num_train=10_000, num_test=2_000, k=20, temperature=0.07, pool="mean",
+      train_split="train", test_split="validation", crop_pct=0.875, batch_size=256))
   return c
 
 
@@ -149,6 +154,8 @@ def runlocal(c: mlc.ConfigDict, *, depth: int = 4, width: int = 128, heads: int 
     size, patch = 64, 8
   c.data.image_size = c.data.second_image_size = size
   c.data.worker_count = 0
+  c.knn_monitor.update(test_split="test" if npz else "train", crop_pct=1.0, batch_size=200,
+                       num_train=4000 if npz else 0, num_test=1000 if npz else 0)
   c.model.variant = f"T/{patch}"
   c.model.width, c.model.depth, c.model.heads = width, depth, heads
   c.batch_size = 32

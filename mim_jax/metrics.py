@@ -30,6 +30,11 @@ class MetricLogger:
     """Starts the throughput clock at `step` (after compilation/restore)."""
     self._last_time, self._last_step = time.time(), step
 
+  def pause(self, seconds: float):
+    """Leaves `seconds` of non-training work (a kNN monitor) out of the throughput."""
+    if self._last_time is not None:
+      self._last_time += seconds
+
   def write(self, step: int, scalars: Mapping[str, float], *, images_per_step: int) -> dict:
     now = time.time()
     row = {"step": int(step)}

@@ -14,6 +14,7 @@ import logging as logging_std
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 from absl import app
@@ -34,6 +35,7 @@ from mim_jax import sharding
 from mim_jax.data import pipeline as data_pipeline
 from mim_jax.data import sources as data_sources
 from mim_jax.data import transforms
+from mim_jax.evaluation import monitor
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -236,6 +238,8 @@ def _check_finite(step, scalars, ckpt, workdir):
 def _setup(config, workdir):
   """Checks and builds everything that precedes compilation."""
   validate_config(config)
+  if config.get("knn_monitor"):
+    monitor.validate(config)
   if config.distributed:
     jax.distributed.initialize()
   mesh = sharding.make_mesh(config.mesh)
@@ -285,6 +289,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     logging.info("initialised %.2fM parameters", n_params / 1e6)
   step_fn = trainer.make_step(state_sh)
+  knn_monitor = (monitor.KnnMonitor(config, mesh, method)
+                 if config.get("knn_monitor") and config.knn_monitor.every else None)
 
   # 3. The loop.
   stop = {"sig": None}
@@ -308,9 +314,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
       stopping = stop["sig"] is not None   # one snapshot: a signal can land at any line
       save_now = step % config.checkpoint_every == 0 or is_last or stopping
       log_now = step % config.log_every == 0 or is_last
-      if log_now or save_now:
+      knn_now = knn_monitor is not None and (step % knn_monitor.every == 0 or is_last)
+      if log_now or save_now or knn_now:
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
         _check_finite(step, scalars, ckpt, workdir)   # never checkpoint a NaN state
+        if knn_now:
+          t0 = time.time()
+          scalars.update(knn_monitor(state["params"]))
+          writer.pause(time.time() - t0)
+          log_now = True
         if log_now:
           last_row = writer.write(step, scalars, images_per_step=config.batch_size)
       if config.vis_every and step % config.vis_every == 0:

@@ -165,9 +165,11 @@ def _one_line_error(result, *needles):
     ("--config.optim.lr=fast", ("lr",)),
     ("--config.data.path=/nonexistent/imagenette.npz", ("/nonexistent/imagenette.npz",)),
     ("--config.method.name=nope", ("config.method.name",)),
+    ("--config.knn_monitor.every=4 --config.knn_monitor.pool=max",
+     ("config.knn_monitor.pool",)),
 ])
 def test_bad_config_fails_fast_with_one_line(tmp_path, tiny_npz, flag, needles):
-  result = _run(str(tmp_path / "w"), tiny_flags(tiny_npz) + [flag], timeout=120)
+  result = _run(str(tmp_path / "w"), tiny_flags(tiny_npz) + flag.split(), timeout=120)
   _one_line_error(result, *needles)
 
 
@@ -278,3 +280,29 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_npz
   params, _ = features.load_encoder_params(workdir)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
   assert f"step {max(steps)}" in err[0]
+
+
+def test_knn_monitor_logs_the_evaluation_protocols_number(tmp_path, tiny_npz):
+  workdir = str(tmp_path / "w")
+  flags = tiny_flags(tiny_npz, **{"knn_monitor.every": 6, "knn_monitor.test_split": "test",
+                                  "knn_monitor.num_train": 0, "knn_monitor.crop_pct": 1.0,
+                                  "knn_monitor.batch_size": 8, "knn_monitor.k": 5})
+  result = _run(workdir, flags)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = _losses(workdir)
+  assert [s for s in sorted(rows) if "knn_top1" in rows[s]] == [6, 12]
+  assert all("img_per_s" in rows[s] for s in (7, 12))
+  # The same number as `python -m mim_jax.evaluate` with the kNN protocol on the final
+  # checkpoint (all 96 train images as the bank, the 16 test images as queries).
+  from mim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from mim_jax import evaluate  # pylint: disable=g-import-not-at-top
+  c = config_lib.load_config("eval/knn")
+  c.init = workdir
+  c.data.source, c.data.path = "npz", tiny_npz
+  c.data.train_split, c.data.test_split = "train", "test"
+  c.data.image_size, c.data.crop_pct, c.data.worker_count = 16, 1.0, 0
+  c.data.num_classes = 4
+  c.model.variant, c.model.heads = "T/4", 2
+  c.eval_batch_size, c.knn.k = 8, 5
+  out = evaluate.evaluate(c, str(tmp_path / "knn"))
+  assert out["knn_top1"] == pytest.approx(rows[12]["knn_top1"], abs=1e-6)

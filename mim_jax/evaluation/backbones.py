@@ -188,7 +188,7 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
   tree = checkpointer.metadata(path)
   tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
   as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
-                          is_leaf=lambda x: not isinstance(x, dict))
+                          is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))
   state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
   return state["params"], int(step)
 
