@@ -42,6 +42,19 @@ def test_every_rand_augment_op_matches_timm(timm_aa, monkeypatch, magnitude, neg
       assert (augment.op_argument(name, magnitude, negate) is not None), name
 
 
+def test_posterize_at_full_magnitude_keeps_zero_bits():
+  # rand-m9-mstd0.5 draws magnitudes up to the clip at 10, where posterize keeps 0 bits
+  # (timm / Pillow < 11: a black image; Pillow >= 11 refuses bits=0 in ImageOps.posterize).
+  img = _photo()
+  assert augment.op_argument("PosterizeIncreasing", 10.0, False) == 0
+  out = np.asarray(augment.apply_op(img, "PosterizeIncreasing", 0))
+  assert out.shape == np.asarray(img).shape and not out.any()
+  ra = augment.RandAugment(magnitude=10.0, magnitude_std=0.5, num_ops=2, prob=1.0,
+                           ops=("PosterizeIncreasing",))
+  for seed in range(5):
+    ra(img, np.random.default_rng(seed))
+
+
 def test_rand_augment_string_and_determinism():
   ra = augment.RandAugment.from_string("rand-m9-mstd0.5-inc1")
   assert (ra.magnitude, ra.magnitude_std, ra.num_ops, ra.prob) == (9.0, 0.5, 2, 0.5)

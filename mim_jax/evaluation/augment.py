@@ -77,6 +77,8 @@ def apply_op(img: Image.Image, name: str, arg, *, fill=fill_color(),
   if name == "Rotate":
     return img.rotate(arg, **affine)
   if name == "PosterizeIncreasing":
+    if arg <= 0:   # magnitude 10 keeps 0 bits: black, as Pillow < 11 did (now it raises)
+      return img.point([0] * 256 * len(img.getbands()))
     return img if arg >= 8 else ImageOps.posterize(img, arg)
   if name == "SolarizeIncreasing":
     return ImageOps.solarize(img, arg)
