@@ -87,6 +87,8 @@ def check_batch(config, mesh) -> None:
 
 # --------------------------------------------------------------------------- data
 def make_loader(config, method, source):
+  if hasattr(method, "wrap_source"):
+    source = method.wrap_source(source)
   transform = transforms.TwoViewTransform.from_config(config.data)
   return data_pipeline.make_train_loader(
       source, transform, method.prepare, global_batch_size=config.batch_size,

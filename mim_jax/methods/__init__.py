@@ -8,12 +8,14 @@ A method object has:
   visualize(params, extra, consts, batch) -> uint8 HWC image or None
   encoder_params(params)             the backbone evaluation keeps
   fingerprint() -> dict              config fields a checkpoint depends on
+  wrap_source(source) (optional)     the training source the loader reads (token caches)
 """
 from __future__ import annotations
 
 import importlib
 
 _METHODS = {
+    "beitv2": "mim_jax.methods.beitv2:BEiTv2",
     "ccvit": "mim_jax.methods.ccvit:CCViT",
     "peco_vqvae": "mim_jax.methods.peco_vqvae:PeCoVQVAE",
     "vqkd": "mim_jax.methods.vqkd:VQKD",

@@ -1,0 +1,198 @@
+"""BEiT v2: masked image modelling on VQ-KD tokens with patch aggregation (reference §1).
+
+Per image a block mask of `num_masked` patches (75 of 196, the v2 generator with the random
+top-up to an exact count). The ViT (shared relative position bias, no absolute positions,
+mask-token mixing, layer scale) sees the masked image; two cross-entropies over the masked
+positions only, summed with equal weights (engine_for_pretraining.py):
+  * main: final layer -> final norm -> lm_head;
+  * patch aggregation (cls-pt): [final-layer cls (before the norm), layer-`early_layers`
+    patch tokens] -> `head_layers` extra blocks (same shared bias; PyTorch-default init +
+    depth rescale only, §1.3) -> the SAME final norm -> the SAME lm_head
+    (shared_lm_head=True, the default). `shared_lm_head=False` gives the ablation's own
+    LN + Linear.
+Targets: any tokenizer (VQ-KD by default), online on the second view or from a token cache
+(`token_targets.TokenTargets`).
+
+The final norm lives beside the backbone (params['norm']), because both branches use it;
+`encoder_params` puts it back into the encoder tree, the layout evaluation expects.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mim_jax import masking
+from mim_jax.data import transforms
+from mim_jax.methods import ccvit
+from mim_jax.methods import token_targets
+from mim_jax.models import vit
+
+
+class BEiTv2Model(nn.Module):
+  """Backbone + shared final norm + lm_head + patch-aggregation blocks.
+
+  Returns (main logits, aggregation logits) at the `select` positions, fp32."""
+  vit_kw: dict
+  vocab_size: int
+  early_layers: int
+  head_layers: int
+  shared_lm_head: bool = True
+
+  @nn.compact
+  def __call__(self, images, mask, select, *, train: bool = False):
+    kw = dict(self.vit_kw)
+    dtype = kw.get("dtype", jnp.float32)
+    backbone = vit.VisionTransformer(**kw, use_mask_token=True, rel_pos="shared",
+                                     abs_pos="none", weight_init="beit", final_norm=False,
+                                     name="backbone")
+    out = backbone(images, mask=mask, train=train, return_layers=(self.early_layers,))
+    take = lambda x: jnp.take_along_axis(x, select[..., None], axis=1)
+    norm = vit.layer_norm(kw.get("ln_eps", 1e-6), jnp.float32, "norm")
+    lm_head = nn.Dense(
+        self.vocab_size, dtype=dtype, name="lm_head",
+        kernel_init=nn.with_logical_partitioning(vit.trunc_normal_init(0.02, "std"),
+                                                 ("embed", "vocab")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))
+    head = lambda x: lm_head(vit._apply_norm(norm, x)).astype(jnp.float32)  # pylint: disable=protected-access
+
+    logits = head(take(out["last"][:, 1:]))
+
+    # Patch aggregation: final cls (pre-norm) + layer-l patches through the extra blocks.
+    x = jnp.concatenate([out["last"][:, :1], out["layers"][self.early_layers][:, 1:]], axis=1)
+    depth = kw["depth"]
+    dpr = np.linspace(0.0, kw.get("drop_path_rate", 0.0),
+                      max(depth, self.early_layers + self.head_layers))
+    for i in range(self.head_layers):
+      x = vit.Block(dim=kw["embed_dim"], num_heads=kw["num_heads"],
+                    layer_scale_init=kw.get("layer_scale_init", 0.1),
+                    drop_path=float(dpr[self.early_layers + i]), weight_init="torch_default",
+                    depth_rescale_layer_id=self.early_layers + i + 1, dtype=dtype,
+                    name=f"cls_pt_block_{i}")(x, rel_pos_bias=out["rel_pos_bias"], train=train)
+    x = take(x[:, 1:])
+    if self.shared_lm_head:
+      agg_logits = head(x)
+    else:
+      own_norm = vit.layer_norm(kw.get("ln_eps", 1e-6), jnp.float32, "cls_pt_norm")
+      own_head = nn.Dense(
+          self.vocab_size, dtype=dtype, name="cls_pt_lm_head",
+          kernel_init=nn.with_logical_partitioning(vit.trunc_normal_init(0.02, "std"),
+                                                   ("embed", "vocab")),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))
+      agg_logits = own_head(vit._apply_norm(own_norm, x)).astype(jnp.float32)  # pylint: disable=protected-access
+    return logits, agg_logits
+
+
+class BEiTv2:
+  """The BEiT v2 method plug-in (interface: mim_jax/methods/__init__.py)."""
+
+  def __init__(self, config, *, workdir: str | None = None, source=None):
+    self.config = config
+    m, d = config.method, config.data
+    self.patch = vit.vit_kwargs(config.model.variant)["patch_size"]
+    if d.image_size % self.patch:
+      raise ValueError(f"config.data.image_size={d.image_size} is not a multiple of the "
+                       f"patch size {self.patch} (config.model.variant)")
+    self.grid = (d.image_size // self.patch,) * 2
+    self.num_patches = self.grid[0] * self.grid[1]
+    if not 0 < m.num_masked <= self.num_patches:
+      raise ValueError(f"config.method.num_masked={m.num_masked} must be in "
+                       f"[1, {self.num_patches}] patches")
+    self.vit_kw = ccvit.backbone_kwargs(config.model, config.dtype)
+    if not 1 <= m.early_layers <= self.vit_kw["depth"]:
+      raise ValueError(f"config.method.early_layers={m.early_layers} must be in "
+                       f"[1, depth={self.vit_kw['depth']}]")
+    self.targets = token_targets.TokenTargets(config, self.grid, patch_size=self.patch,
+                                              workdir=workdir, source=source)
+    self.model = BEiTv2Model(self.vit_kw, vocab_size=self.targets.vocab_size,
+                             early_layers=m.early_layers, head_layers=m.head_layers,
+                             shared_lm_head=m.shared_lm_head)
+    self.mean = jnp.asarray(transforms.IMAGENET_MEAN, jnp.float32)
+    self.std = jnp.asarray(transforms.IMAGENET_STD, jnp.float32)
+
+  # ---------------------------------------------------------------- plug-in interface
+  def wrap_source(self, source):
+    return self.targets.wrap_source(source)
+
+  def consts(self) -> dict:
+    return self.targets.consts()
+
+  def fingerprint(self) -> dict:
+    c = self.config
+    return {"method": "beitv2", "model.variant": c.model.variant, "model.width": c.model.width,
+            "model.depth": c.model.depth, "model.heads": c.model.heads,
+            "model.scan_layers": c.model.scan_layers,
+            "method.early_layers": c.method.early_layers,
+            "method.head_layers": c.method.head_layers,
+            "method.shared_lm_head": c.method.shared_lm_head,
+            "vocab_size": self.targets.vocab_size, "data.image_size": c.data.image_size}
+
+  def prepare(self, example: dict, rng: np.random.Generator) -> dict:
+    m = self.config.method
+    example["mask"] = masking.block_mask(rng, grid=self.grid, num_masked=m.num_masked,
+                                         min_block=m.min_block, min_aspect=m.min_aspect,
+                                         exact=True)
+    if not self.targets.online:
+      example.pop("image2", None)   # the tokens come from the cache
+    return example
+
+  def init(self, rng, batch) -> Any:
+    b = batch["image"].shape[0]
+    size = self.config.data.image_size
+    images = jnp.zeros((b, size, size, 3), self.vit_kw["dtype"])
+    mask = jnp.zeros((b, self.num_patches), bool)
+    select = jnp.zeros((b, self.config.method.num_masked), jnp.int32)
+    return self.model.init({"params": rng}, images, mask, select, train=False)
+
+  def forward(self, params, consts, batch, rng, train: bool):
+    """(main logits, aggregation logits, targets) at the masked positions."""
+    select = ccvit.selected_positions(batch["mask"], self.config.method.num_masked)
+    x = (batch["image"].astype(jnp.float32) / 255.0 - self.mean) / self.std
+    logits, agg = self.model.apply({"params": params}, x.astype(self.vit_kw["dtype"]),
+                                   batch["mask"], select, train=train,
+                                   rngs={"dropout": rng} if train else {})
+    targets = jnp.take_along_axis(self.targets(consts, batch), select, axis=1)
+    return logits, agg, targets
+
+  def loss(self, params, extra, consts, batch, rng, train: bool = True):
+    del extra
+    logits, agg, targets = self.forward(params, consts, batch, rng, train)
+    ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, targets).mean()
+    loss_main, loss_agg = ce(logits), ce(agg)
+    loss = loss_main + loss_agg   # equal weights, engine_for_pretraining.py
+    metrics = {"loss": loss, "loss_main": loss_main, "loss_agg": loss_agg,
+               "token_acc": jnp.mean(jnp.argmax(logits, -1) == targets),
+               "token_acc_agg": jnp.mean(jnp.argmax(agg, -1) == targets)}
+    return loss, metrics, {}
+
+  def encoder_params(self, params):
+    return dict(params["backbone"], norm=params["norm"])
+
+  def visualize(self, params, extra, consts, batch, max_images: int = 8) -> np.ndarray:
+    """Rows: input | masked input (grey) | patches whose predicted token is right (green
+    tint) or wrong (red tint) at the masked positions."""
+    del extra
+    batch = {k: jnp.asarray(v[:max_images]) for k, v in batch.items()}
+    logits, _, targets = jax.jit(lambda p, b: self.forward(p, consts, b, None, False))(
+        params, batch)
+    right = np.asarray(jnp.argmax(logits, -1) == targets)
+    select = np.asarray(ccvit.selected_positions(batch["mask"], self.config.method.num_masked))
+    img = np.asarray(batch["image"], np.float32) / 255.0
+    p, (gh, gw) = self.patch, self.grid
+    masked, verdict = img.copy(), img.copy()
+    for b in range(img.shape[0]):
+      for j, pos in enumerate(select[b]):
+        r, c = divmod(int(pos), gw)
+        sl = (b, slice(r * p, (r + 1) * p), slice(c * p, (c + 1) * p))
+        masked[sl] = 0.5
+        tint = np.array([0.2, 0.9, 0.2] if right[b, j] else [0.9, 0.2, 0.2], np.float32)
+        verdict[sl] = 0.5 * verdict[sl] + 0.5 * tint
+    rows = [np.concatenate(list(r), axis=1) for r in (img, masked, verdict)]
+    grid = np.concatenate(rows, axis=0)
+    scale = max(1, 128 // self.config.data.image_size)
+    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    return (np.clip(grid, 0, 1) * 255).astype(np.uint8)

@@ -1,0 +1,96 @@
+"""Where a token objective's targets come from, for every token method (BEiT v2, PeCo MIM,
+MaPeT, ...) and every tokenizer kind (VQ-KD, PeCo, k-CLIP, pixel centroids).
+
+  config.tokenizer.kind / path     a tokenizer run *online* inside the train step on the
+                                   second view (`image2`, config.data.second_image_size),
+                                   under stop_gradient, its params a const of the step;
+  config.tokenizer.cache           or a token cache (`python -m mim_jax.tokenize`) read with
+                                   the images: the source is wrapped so that every example
+                                   carries `tokens`, and the student view must cover the
+                                   cached region (centre crop, no flip), checked up front.
+
+Either way the targets are (B, N) int32 ids on the student's patch grid.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from mim_jax.tokenizers import base as tok_base
+from mim_jax.tokenizers import cache as cache_lib
+
+
+class TokenTargets:
+  """`targets(consts, batch) -> (B, N) int32` plus what the trainer needs around it."""
+
+  def __init__(self, config, grid: tuple[int, int], *, patch_size: int,
+               workdir: str | None = None, source=None):
+    t, d = config.tokenizer, config.data
+    if (t.kind == "centroids" and not t.path and not t.get("cache", "")
+        and t.get("build_if_missing", False)):
+      t.path = self._build_centroids(config, patch_size, workdir, source)
+    self.grid = tuple(grid)
+    self.cache = None
+    self.tokenizer = None
+    if t.get("cache", ""):
+      self.cache = cache_lib.TokenCache(t.cache)
+      self.cache.check_train_view(d)
+      self.vocab_size = self.cache.codebook_size
+      found, where = self.cache.grid, f"config.tokenizer.cache ({t.cache})"
+    else:
+      self.tokenizer = tok_base.load_tokenizer(t, d.image_size)
+      self.vocab_size = self.tokenizer.codebook_size
+      found, where = self.tokenizer.grid, f"config.tokenizer.path ({t.path})"
+      if self.tokenizer.view.size != d.second_image_size:
+        raise ValueError(
+            f"config.data.second_image_size={d.second_image_size} but the {t.kind} tokenizer "
+            f"takes {self.tokenizer.view.size}px images: set --config.data.second_image_size="
+            f"{self.tokenizer.view.size}")
+    if tuple(found) != self.grid:
+      raise ValueError(f"{where} gives a {found[0]}x{found[1]} token grid but the student has "
+                       f"{self.grid[0]}x{self.grid[1]} patches (config.data.image_size, "
+                       "config.model.variant)")
+
+  @staticmethod
+  def _build_centroids(config, patch_size: int, workdir, source) -> str:
+    """Small data only (`:runlocal`): pixel centroids of the training images, built once
+    into the workdir (CCViT's codebook recipe)."""
+    from mim_jax.methods import ccvit  # pylint: disable=g-import-not-at-top
+    if source is None:
+      raise ValueError("config.tokenizer.build_if_missing needs the training source")
+    t = config.tokenizer
+    path = os.path.join(workdir, "centroids") if workdir else None
+    if path and os.path.exists(path + ".npy"):
+      return path
+    tok = ccvit.build_codebook_from_source(
+        source, k=t.k, images_per_class=t.images_per_class, iters=t.iters,
+        patch_size=patch_size, image_size=config.data.image_size, seed=t.get("seed", 0))
+    if path is None:
+      raise ValueError("config.tokenizer.build_if_missing needs a workdir to keep the codebook")
+    if jax.process_index() == 0:
+      tok.save(path)
+    return path
+
+  @property
+  def online(self) -> bool:
+    return self.tokenizer is not None
+
+  def describe(self) -> dict:
+    """For fingerprints: what the targets are."""
+    if self.online:
+      return {"tokenizer": self.tokenizer.fingerprint()}
+    return {"tokenizer": self.cache.meta["tokenizer"], "cache": self.cache.directory}
+
+  def wrap_source(self, source):
+    return cache_lib.WithTokens(source, self.cache) if self.cache is not None else source
+
+  def consts(self) -> dict:
+    return {"tokenizer": self.tokenizer.params} if self.online else {}
+
+  def __call__(self, consts, batch) -> jax.Array:
+    if self.online:
+      ids = self.tokenizer.fn(consts["tokenizer"], batch["image2"])
+      return jax.lax.stop_gradient(ids).astype(jnp.int32)
+    return batch["tokens"].astype(jnp.int32)
