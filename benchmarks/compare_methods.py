@@ -5,7 +5,7 @@ r"""One table that compares every available pre-training method on real images.
 
 Each method in METHODS is pre-trained through the real trainer (`python -m mim_jax.train`)
 with its `:runlocal` config on ../shared/data/imagenette2_32.npz, all with the same budget
-(steps, batch 64, ViT width 128 / depth 4 / 4 heads, patch 4, 32 px). At each step of
+(steps, batch 32, ViT width 128 / depth 4 / 4 heads, patch 4, 32 px). At each step of
 `--eval_at` its checkpoint is evaluated with `python -m mim_jax.evaluate`: kNN (k = 20,
 cosine, T = 0.07) and a linear probe (BatchNorm without affine + linear head, features
 precomputed, 30 epochs), both on all 9,469 train and 3,925 test images. The same
@@ -35,7 +35,11 @@ import bench_util  # noqa: E402
 METHODS = {
     "ccvit": ("configs/ccvit_vitb.py:runlocal", "pixel centroids, K=256 (built from train)",
               ["--config.tokenizer.images_per_class=100"]),
+    "beitv2": ("configs/beitv2_vitb.py:runlocal",
+               "pixel centroids, K=256 (stand-in for VQ-KD)",
+               ["--config.tokenizer.images_per_class=100"]),
 }
+BATCH = 32
 MODEL = ["--config.model.width=128", "--config.model.depth=4", "--config.model.heads=4"]
 
 
@@ -62,7 +66,7 @@ def pretrain(name: str, workdir: str, npz: str, steps: int, eval_at: list[int]) 
   cmd = [sys.executable, "-m", "mim_jax.train", f"--config={config}", f"--workdir={workdir}",
          f"--config.data.path={npz}", f"--config.total_steps={steps}",
          f"--config.checkpoint_every={every}", f"--config.keep_checkpoints={steps // every + 1}",
-         "--config.vis_every=0", *MODEL, *extra]
+         "--config.vis_every=0", f"--config.batch_size={BATCH}", *MODEL, *extra]
   seconds = _run(cmd, f"pre-training {name}")
   with open(done, "w") as f:
     json.dump({"seconds": seconds, "command": cmd}, f)
@@ -106,7 +110,7 @@ def plot(rows: dict, baseline: float, path: str) -> None:
     acc = [baseline] + [p["probe"] for p in points]
     ax.plot(steps, acc, marker="o", label=name)
   ax.axhline(baseline, color="grey", ls="--", lw=1, label="random init")
-  ax.set_xlabel("pre-training steps (batch 64)")
+  ax.set_xlabel(f"pre-training steps (batch {BATCH})")
   ax.set_ylabel("linear probe top-1 (%), 3,925 test images")
   ax.set_title("Imagenette 32 px, ViT 128-d x 4 blocks, patch 4")
   ax.grid(alpha=0.3)
@@ -178,7 +182,8 @@ def main() -> int:
            f"Command: `{cmd}`  ",
            f"Machine: {bench_util.machine()}; JAX {jax.__version__}, backend {jax.default_backend()}.  ",
            "Data: ../shared/data/imagenette2_32.npz, 9,469 train / 3,925 test images, 10 "
-           "classes. Encoder: ViT width 128, depth 4, 4 heads, patch 4, 32 px; batch 64.", "",
+           "classes. Encoder: ViT width 128, depth 4, 4 heads, patch 4, 32 px; "
+           f"pre-training batch {BATCH}.", "",
            "| method | tokenizer | budget (steps) | pre-training wall time | kNN top-1 | "
            "linear probe top-1 | fine-tune top-1 (5 epochs) |", "|---|---|---|---|---|---|---|",
            f"| random init | - | 0 | - | {baseline['knn']:.2f} % | {baseline['probe']:.2f} % | "

@@ -224,3 +224,20 @@ def test_config_recipe_and_errors(tmp_path):
   with pytest.raises(ValueError, match="epochs"):
     config_lib.load_config("beitv2_vitb", "epochs=800")
   assert os.path.exists(_codebook(tmp_path) + ".npy")
+
+
+def test_peco_mim_is_beit_style_without_aggregation(tmp_path):
+  c = config_lib.load_config("peco_vitb")
+  assert (c.method.name, c.method.head_layers, c.tokenizer.kind) == ("peco_mim", 0, "peco")
+  assert c.batch_size == 2048 and tuple(c.data.crop_scale) == (0.08, 1.0)
+  assert config_lib.load_config("peco_vitl").model.variant == "L/16"
+  small = _config(tmp_path, **{"method.name": "peco_mim", "method.head_layers": 0,
+                               "method.early_layers": 0})
+  method = methods.build(small)
+  batch = jax.tree.map(jnp.asarray, _batch(method))
+  params = nn.unbox(method.init(jax.random.PRNGKey(0), batch))["params"]
+  assert not any(k.startswith("cls_pt") for k in params)
+  loss, metrics, _ = method.loss(params, {}, method.consts(), batch, None, train=False)
+  assert "loss_agg" not in metrics
+  np.testing.assert_allclose(float(loss), float(metrics["loss_main"]), rtol=1e-6)
+  assert method.fingerprint()["method"] == "peco_mim"

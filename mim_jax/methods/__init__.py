@@ -17,6 +17,7 @@ import importlib
 _METHODS = {
     "beitv2": "mim_jax.methods.beitv2:BEiTv2",
     "ccvit": "mim_jax.methods.ccvit:CCViT",
+    "peco_mim": "mim_jax.methods.beitv2:BEiTv2",
     "peco_vqvae": "mim_jax.methods.peco_vqvae:PeCoVQVAE",
     "vqkd": "mim_jax.methods.vqkd:VQKD",
 }

@@ -1,4 +1,6 @@
 """BEiT v2: masked image modelling on VQ-KD tokens with patch aggregation (reference §1).
+With `method.head_layers=0` it is BEiT-style MIM without aggregation: PeCo's BERT
+pre-training (`method.name='peco_mim'`, configs/peco_vitb.py).
 
 Per image a block mask of `num_masked` patches (75 of 196, the v2 generator with the random
 top-up to an exact count). The ViT (shared relative position bias, no absolute positions,
@@ -36,7 +38,8 @@ from mim_jax.models import vit
 class BEiTv2Model(nn.Module):
   """Backbone + shared final norm + lm_head + patch-aggregation blocks.
 
-  Returns (main logits, aggregation logits) at the `select` positions, fp32."""
+  Returns (main logits, aggregation logits) at the `select` positions, fp32; with
+  head_layers=0 (BEiT-style MIM, PeCo) there is no aggregation head and the second is None."""
   vit_kw: dict
   vocab_size: int
   early_layers: int
@@ -50,7 +53,8 @@ class BEiTv2Model(nn.Module):
     backbone = vit.VisionTransformer(**kw, use_mask_token=True, rel_pos="shared",
                                      abs_pos="none", weight_init="beit", final_norm=False,
                                      name="backbone")
-    out = backbone(images, mask=mask, train=train, return_layers=(self.early_layers,))
+    out = backbone(images, mask=mask, train=train,
+                   return_layers=(self.early_layers,) if self.head_layers else ())
     take = lambda x: jnp.take_along_axis(x, select[..., None], axis=1)
     norm = vit.layer_norm(kw.get("ln_eps", 1e-6), jnp.float32, "norm")
     lm_head = nn.Dense(
@@ -61,6 +65,8 @@ class BEiTv2Model(nn.Module):
     head = lambda x: lm_head(vit._apply_norm(norm, x)).astype(jnp.float32)  # pylint: disable=protected-access
 
     logits = head(take(out["last"][:, 1:]))
+    if self.head_layers == 0:   # BEiT (v1) / PeCo MIM: no patch aggregation
+      return logits, None
 
     # Patch aggregation: final cls (pre-norm) + layer-l patches through the extra blocks.
     x = jnp.concatenate([out["last"][:, :1], out["layers"][self.early_layers][:, 1:]], axis=1)
@@ -103,7 +109,7 @@ class BEiTv2:
       raise ValueError(f"config.method.num_masked={m.num_masked} must be in "
                        f"[1, {self.num_patches}] patches")
     self.vit_kw = ccvit.backbone_kwargs(config.model, config.dtype)
-    if not 1 <= m.early_layers <= self.vit_kw["depth"]:
+    if m.head_layers and not 1 <= m.early_layers <= self.vit_kw["depth"]:
       raise ValueError(f"config.method.early_layers={m.early_layers} must be in "
                        f"[1, depth={self.vit_kw['depth']}]")
     self.targets = token_targets.TokenTargets(config, self.grid, patch_size=self.patch,
@@ -123,7 +129,7 @@ class BEiTv2:
 
   def fingerprint(self) -> dict:
     c = self.config
-    return {"method": "beitv2", "model.variant": c.model.variant, "model.width": c.model.width,
+    return {"method": c.method.name, "model.variant": c.model.variant, "model.width": c.model.width,
             "model.depth": c.model.depth, "model.heads": c.model.heads,
             "model.scan_layers": c.model.scan_layers,
             "method.early_layers": c.method.early_layers,
@@ -162,11 +168,16 @@ class BEiTv2:
     del extra
     logits, agg, targets = self.forward(params, consts, batch, rng, train)
     ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, targets).mean()
-    loss_main, loss_agg = ce(logits), ce(agg)
-    loss = loss_main + loss_agg   # equal weights, engine_for_pretraining.py
-    metrics = {"loss": loss, "loss_main": loss_main, "loss_agg": loss_agg,
-               "token_acc": jnp.mean(jnp.argmax(logits, -1) == targets),
-               "token_acc_agg": jnp.mean(jnp.argmax(agg, -1) == targets)}
+    loss_main = ce(logits)
+    metrics = {"loss_main": loss_main,
+               "token_acc": jnp.mean(jnp.argmax(logits, -1) == targets)}
+    loss = loss_main
+    if agg is not None:
+      loss_agg = ce(agg)
+      loss = loss_main + loss_agg   # equal weights, engine_for_pretraining.py
+      metrics.update(loss_agg=loss_agg,
+                     token_acc_agg=jnp.mean(jnp.argmax(agg, -1) == targets))
+    metrics["loss"] = loss
     return loss, metrics, {}
 
   def encoder_params(self, params):
