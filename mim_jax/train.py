@@ -70,6 +70,7 @@ def validate_config(config) -> None:
     raise ConfigError(f"config.method.name: unknown method {config.method.name!r}; "
                       f"choose one of {methods.names()}")
   try:
+    methods.check(config)     # e.g. MaPeT's token cache: says how to prepare data + tokens
     data_sources.validate_data_config(config.data)
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(str(e)) from e

@@ -9,6 +9,7 @@ A method object has:
   encoder_params(params)             the backbone evaluation keeps
   fingerprint() -> dict              config fields a checkpoint depends on
   wrap_source(source) (optional)     the training source the loader reads (token caches)
+  check(config) (optional, static)   config checks that must run before any data is read
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import importlib
 _METHODS = {
     "beitv2": "mim_jax.methods.beitv2:BEiTv2",
     "ccvit": "mim_jax.methods.ccvit:CCViT",
+    "mapet": "mim_jax.methods.mapet:MaPeT",
     "peco_mim": "mim_jax.methods.beitv2:BEiTv2",
     "peco_vqvae": "mim_jax.methods.peco_vqvae:PeCoVQVAE",
     "vqkd": "mim_jax.methods.vqkd:VQKD",
@@ -27,9 +29,20 @@ def names():
   return sorted(_METHODS)
 
 
-def build(config, *, workdir: str | None = None, source=None):
+def _class(config):
   name = config.method.name
   if name not in _METHODS:
     raise ValueError(f"config.method.name: unknown method '{name}'; choose one of {names()}")
   module, cls = _METHODS[name].split(":")
-  return getattr(importlib.import_module(module), cls)(config, workdir=workdir, source=source)
+  return getattr(importlib.import_module(module), cls)
+
+
+def check(config) -> None:
+  """The method's cheap config checks (if it has any), before data or models are built."""
+  cls = _class(config)
+  if hasattr(cls, "check"):
+    cls.check(config)
+
+
+def build(config, *, workdir: str | None = None, source=None):
+  return _class(config)(config, workdir=workdir, source=source)
