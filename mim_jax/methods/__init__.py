@@ -17,6 +17,7 @@ import importlib
 
 _METHODS = {
     "beitv2": "mim_jax.methods.beitv2:BEiTv2",
+    "caev2": "mim_jax.methods.caev2:CAEv2",
     "ccvit": "mim_jax.methods.ccvit:CCViT",
     "mapet": "mim_jax.methods.mapet:MaPeT",
     "peco_mim": "mim_jax.methods.beitv2:BEiTv2",

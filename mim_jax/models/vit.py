@@ -28,7 +28,7 @@ VIT_SIZES = {
 # Logical axis names of activations between blocks.
 ACT_AXES = ('act_batch', 'act_len', 'act_embed')
 
-INITS = ('beit', 'timm', 'torch_default')
+INITS = ('beit', 'timm', 'torch_default', 'xavier')
 Initializer = Callable[..., jax.Array]
 
 
@@ -162,6 +162,8 @@ def _dense_inits(init: str, fan_in: int) -> tuple[Initializer, Initializer]:
   _check_init(init)
   if init == 'torch_default':
     return torch_default_init(), torch_default_bias_init(fan_in)
+  if init == 'xavier':   # CAE's top-level _init_weights (reference §5.3 init caveat)
+    return nn.initializers.xavier_uniform(), nn.initializers.zeros_init()
   cutoff = 'std' if init == 'beit' else 'abs2'
   return trunc_normal_init(0.02, cutoff), nn.initializers.zeros_init()
 
@@ -432,7 +434,7 @@ class VisionTransformer(nn.Module):
       raise ValueError(f'images {images.shape} do not fit patch {p} / in_chans {self.in_chans}')
     grid = (height // p, width // p)
     fan_in = p * p * chans
-    if self.weight_init == 'beit':
+    if self.weight_init in ('beit', 'xavier'):
       kernel_init, bias_init = trunc_normal_init(0.02, 'std'), nn.initializers.zeros_init()
     else:  # the timm-style models leave the patch conv at PyTorch's default
       kernel_init, bias_init = torch_default_init(), torch_default_bias_init(fan_in)
@@ -442,7 +444,8 @@ class VisionTransformer(nn.Module):
                 bias_init=_named(bias_init, ('embed',)), name='patch_embed')(images)
     x = x.reshape(batch, grid[0] * grid[1], self.embed_dim)
 
-    token_init = _named(trunc_normal_init(0.02, 'std' if self.weight_init == 'beit' else 'abs2'),
+    token_init = _named(trunc_normal_init(0.02, 'std' if self.weight_init in ('beit', 'xavier')
+                                          else 'abs2'),
                         (None, None, 'embed'))
     if self.use_mask_token:
       mask_token = self.param('mask_token', token_init, (1, 1, self.embed_dim), self.param_dtype)
@@ -467,8 +470,11 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, mask=None, train: bool = False,
-               return_layers: Sequence[int] = (), attn_mask=None) -> dict:
+               return_layers: Sequence[int] = (), attn_mask=None, keep=None) -> dict:
     """images: (B, H, W, C); mask: (B, N) bool, True = masked (mixed with mask_token).
+
+    keep: optional (B, V) patch indices: only the cls token and these patches (with their
+    positions) enter the blocks (CAE / MAE-style encoders on visible patches).
 
     attn_mask: optional additive / boolean mask broadcastable to (B, heads, N+1, N+1).
     Returns {'last', 'normed', 'layers': {l: block l output (1-based)}, 'rel_pos_bias'}.
@@ -482,6 +488,11 @@ class VisionTransformer(nn.Module):
         raise ValueError(f'return_layers entries are 1-based block ids in [1, {self.depth}], got {l}')
 
     x, grid = self._embed(images, mask)
+    if keep is not None:
+      if self.rel_pos != 'none':
+        raise ValueError("keep (visible patches only) needs rel_pos='none'")
+      x = jnp.concatenate([x[:, :1], jnp.take_along_axis(x[:, 1:], keep[..., None], axis=1)],
+                          axis=1)
     x = nn.with_logical_constraint(x, ACT_AXES)
     rel_pos_bias = None
     if self.rel_pos == 'shared':
