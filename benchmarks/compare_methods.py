@@ -38,6 +38,11 @@ METHODS = {
     "beitv2": ("configs/beitv2_vitb.py:runlocal",
                "pixel centroids, K=256 (stand-in for VQ-KD)",
                ["--config.tokenizer.images_per_class=100"]),
+    "mapet": ("configs/mapet_vitb.py:runlocal",
+              "pixel centroids, K=256 (stand-in for k-CLIP)",
+              ["--config.tokenizer.images_per_class=100"]),
+    "caev2": ("configs/caev2_vitb.py:runlocal", "random CLIP ViT (stand-in for CLIP ViT-B/16)",
+              []),
 }
 BATCH = 32
 MODEL = ["--config.model.width=128", "--config.model.depth=4", "--config.model.heads=4"]
@@ -87,6 +92,10 @@ def evaluate(protocol: str, init: str, step: int, workdir: str, npz: str) -> dic
   _run(cmd, f"{protocol} of {init}@{step}")
   with open(results) as f:
     return json.load(f)
+
+
+def _done(workdir: str) -> bool:
+  return os.path.exists(os.path.join(workdir, "results.json"))
 
 
 def _pct(x) -> str:
@@ -150,9 +159,10 @@ def main() -> int:
   rand_knn = evaluate("knn", "random", 0, os.path.join(base, "random_knn"), args.npz)
   rand_lin = evaluate("linear_probe", "random", 0, os.path.join(base, "random_probe"), args.npz)
   baseline = {"knn": 100 * rand_knn["knn_top1"], "probe": 100 * _probe_top1(rand_lin)}
-  if args.finetune:
+  ft_dir = os.path.join(base, "random_finetune")
+  if args.finetune or _done(ft_dir):
     print("random-init fine-tuning ...", flush=True)
-    rand_ft = evaluate("finetune", "random", 0, os.path.join(base, "random_finetune"), args.npz)
+    rand_ft = evaluate("finetune", "random", 0, ft_dir, args.npz)
     baseline["finetune"] = 100 * _probe_top1(rand_ft)
 
   rows, times = {}, {}
@@ -168,10 +178,10 @@ def main() -> int:
                      args.npz)
       rows[name].append({"step": step, "knn": 100 * k["knn_top1"],
                          "probe": 100 * _probe_top1(lin)})
-    if args.finetune:
+    ft_dir = os.path.join(base, f"{name}_finetune")
+    if args.finetune or _done(ft_dir):
       print(f"  fine-tuning {name} @ {eval_at[-1]} ...", flush=True)
-      ft = evaluate("finetune", workdir, eval_at[-1], os.path.join(base, f"{name}_finetune"),
-                    args.npz)
+      ft = evaluate("finetune", workdir, eval_at[-1], ft_dir, args.npz)
       rows[name][-1]["finetune"] = 100 * _probe_top1(ft)
 
   png = os.path.join(base, "compare_methods.png")

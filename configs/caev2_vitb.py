@@ -51,6 +51,7 @@ def get_config(arg: str = ""):
   c = config_lib.base_config()
   c.model.variant = a.variant
   c.model.heads = enc_heads
+  c.model.abs_pos = "sincos"      # fixed 2-D sin-cos (recorded for evaluation's loader)
   c.model.layer_scale_init = 0.1
   c.model.drop_path_rate = drop_path
 

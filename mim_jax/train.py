@@ -178,6 +178,11 @@ class Trainer:
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
         return jitted(state, batch)
 
+    def lower(state, batch):   # for benchmarks: XLA's cost analysis of the compiled step
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        return jitted.lower(state, batch)
+
+    run.lower = lower
     return run
 
 
@@ -212,7 +217,7 @@ def build_step_for_benchmark(config, batch_inputs: dict | None = None):
     source = data_sources.build_source(config.data)
     batch_inputs = next(iter(make_loader(config, method, source)))
   batch_inputs = {k: np.asarray(v) for k, v in batch_inputs.items()
-                  if k in ("image", "image2", "mask", "replaced", "label")}
+                  if k in ("image", "image2", "mask", "replaced", "perm", "tokens", "label")}
   trainer = Trainer(config, mesh, method)
   sample = _sample_batch(batch_inputs, mesh)
   _, state_sh = trainer.abstract_state(sample)

@@ -187,7 +187,7 @@ def test_combined_sequence_equals_the_explicit_two_stream_forward():
   ref = _explicit_two_stream(params, images, perm, least)
   np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=2e-4, atol=2e-4)
   # The encoder (query-stream parts dropped) loads into mim_jax's ViT for evaluation.
-  enc = mapet.MaPeT.encoder_params(None, params)
+  enc = mapet.MaPeT.encoder_params(params)
   vit.VisionTransformer(**KW, abs_pos="learned", rel_pos="none", k_bias=True,
                         weight_init="timm").apply({"params": enc}, images)
 

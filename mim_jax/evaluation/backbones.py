@@ -196,11 +196,6 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
 def load_workdir(workdir: str, model_cfg=None, step: int | None = None):
   """(encoder params, spec) from a mim_jax pre-training workdir."""
   params, step = restore_params(workdir, step)
-  encoder = params.get("backbone")
-  if encoder is None:
-    raise ValueError(f"{workdir}: the checkpoint has no 'backbone' parameters "
-                     f"(top-level keys {sorted(params)})")
-  encoder = _unstack_if_scanned(_to_numpy_tree(encoder))
   saved_model, method = {}, ""
   try:
     saved = features.saved_config(workdir)
@@ -208,6 +203,17 @@ def load_workdir(workdir: str, model_cfg=None, step: int | None = None):
   except (OSError, KeyError, json.JSONDecodeError):
     logging.warning("%s has no readable config.json; the head count comes from config.model",
                     workdir)
+  # The method knows where its encoder is (and drops MaPeT's query stream, CAE v2's
+  # regressor, BEiT v2's aggregation head); without a config, 'backbone' is the convention.
+  from mim_jax import methods  # pylint: disable=g-import-not-at-top
+  if method in methods.names():
+    encoder = methods.encoder_params(method, params)
+  else:
+    encoder = params.get("backbone")
+  if encoder is None:
+    raise ValueError(f"{workdir}: the checkpoint has no 'backbone' parameters "
+                     f"(top-level keys {sorted(params)})")
+  encoder = _unstack_if_scanned(_to_numpy_tree(encoder))
   heads = _heads_from_config(saved_model) or _heads_from_config(model_cfg)
   abs_pos = saved_model.get("abs_pos") or (model_cfg.get("abs_pos") if model_cfg else None)
   spec = infer_spec(encoder, num_heads=heads, abs_pos=abs_pos,

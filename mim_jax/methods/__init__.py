@@ -6,7 +6,7 @@ A method object has:
   loss(params, extra, consts, batch, rng, train) -> (loss, metrics, new_extra)
   consts() -> dict of arrays         frozen tensors the step needs (codebooks, teachers)
   visualize(params, extra, consts, batch) -> uint8 HWC image or None
-  encoder_params(params)             the backbone evaluation keeps
+  encoder_params(params) (static)    the backbone evaluation keeps (from a checkpoint too)
   fingerprint() -> dict              config fields a checkpoint depends on
   wrap_source(source) (optional)     the training source the loader reads (token caches)
   check(config) (optional, static)   config checks that must run before any data is read
@@ -36,6 +36,14 @@ def _class(config):
     raise ValueError(f"config.method.name: unknown method '{name}'; choose one of {names()}")
   module, cls = _METHODS[name].split(":")
   return getattr(importlib.import_module(module), cls)
+
+
+def encoder_params(name: str, params):
+  """The encoder of a checkpoint of method `name` (evaluation's loader)."""
+  if name not in _METHODS:
+    raise ValueError(f"unknown method {name!r}; choose one of {names()}")
+  module, cls = _METHODS[name].split(":")
+  return getattr(importlib.import_module(module), cls).encoder_params(params)
 
 
 def check(config) -> None:

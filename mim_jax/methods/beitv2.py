@@ -180,7 +180,8 @@ class BEiTv2:
     metrics["loss"] = loss
     return loss, metrics, {}
 
-  def encoder_params(self, params):
+  @staticmethod
+  def encoder_params(params):
     return dict(params["backbone"], norm=params["norm"])
 
   def visualize(self, params, extra, consts, batch, max_images: int = 8) -> np.ndarray:
@@ -193,7 +194,7 @@ class BEiTv2:
     right = np.asarray(jnp.argmax(logits, -1) == targets)
     select = np.asarray(ccvit.selected_positions(batch["mask"], self.config.method.num_masked))
     img = np.asarray(batch["image"], np.float32) / 255.0
-    p, (gh, gw) = self.patch, self.grid
+    p, gw = self.patch, self.grid[1]
     masked, verdict = img.copy(), img.copy()
     for b in range(img.shape[0]):
       for j, pos in enumerate(select[b]):

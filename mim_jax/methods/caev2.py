@@ -137,7 +137,6 @@ class CAEv2Model(nn.Module):
 
 def visible_and_masked(mask: jax.Array, num_masked: int) -> tuple[jax.Array, jax.Array]:
   """(visible (B, N - M), masked (B, M)) patch indices, each in raster order."""
-  n = mask.shape[1]
   order = jnp.argsort(jnp.logical_not(mask), axis=1, stable=True)   # masked first, raster
   return jnp.sort(order[:, num_masked:], axis=1), order[:, :num_masked]
 
@@ -227,5 +226,6 @@ class CAEv2:
     return loss, {"loss": loss, "cos_visible": jnp.mean(cos[:, 1:1 + v]),
                   "cos_masked": jnp.mean(cos[:, 1 + v:])}, {}
 
-  def encoder_params(self, params):
+  @staticmethod
+  def encoder_params(params):
     return params["backbone"]

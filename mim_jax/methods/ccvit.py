@@ -231,7 +231,8 @@ class CCViT:
                "token_acc": acc}
     return loss, metrics, {}
 
-  def encoder_params(self, params):
+  @staticmethod
+  def encoder_params(params):
     return params["backbone"]
 
   def visualize(self, params, extra, consts, batch, max_images: int = 4) -> np.ndarray:

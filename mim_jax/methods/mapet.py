@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -207,7 +206,8 @@ class MaPeT:
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
     return loss, {"loss": loss, "token_acc": jnp.mean(jnp.argmax(logits, -1) == targets)}, {}
 
-  def encoder_params(self, params):
+  @staticmethod
+  def encoder_params(params):
     return {k: v for k, v in params.items() if k not in _EXTRA_PARAMS}
 
   def visualize(self, params, extra, consts, batch, max_images: int = 8):

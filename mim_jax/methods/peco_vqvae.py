@@ -172,7 +172,8 @@ class PeCoVQVAE:
     new_extra = {"codebook": codebook, "counters": {"step": step + 1}} if train else {}
     return loss, metrics, new_extra
 
-  def encoder_params(self, params):
+  @staticmethod
+  def encoder_params(params):
     return params["vqvae"]
 
   def visualize(self, params, extra, consts, batch, max_images: int = 8) -> np.ndarray:

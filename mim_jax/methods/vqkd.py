@@ -150,7 +150,8 @@ class VQKD:
     metrics = {"loss": loss, "rec_loss": rec_loss, "quant_loss": q.loss, **q.metrics}
     return loss, metrics, ({"codebook": codebook} if train else {})
 
-  def encoder_params(self, params):
+  @staticmethod
+  def encoder_params(params):
     return params["encoder"]
 
   def visualize(self, params, extra, consts, batch, max_images: int = 64) -> np.ndarray:
