@@ -8,6 +8,8 @@ One process, the trainer's own jitted step (`train.build_step_for_benchmark`) fo
   beitv2  BEiT v2: the same backbone + the 2-block patch-aggregation head;
   mapet   MaPeT: the two-stream sequence [h (197), M (147), g (147)] = 491 tokens with the
           on-device masks built from the permutation;
+  mapet_permuted  the same with every stream in permutation order and one static
+          prefix/causal mask (`config.method.layout='permuted'`);
   pim     MaPeT's PIM baseline: [h, g] = 344 tokens.
 Targets come from an 8192-centroid pixel tokenizer run online (cheap, the same for all), so
 the numbers compare the methods' model work. Images: the embedded photos at 224 px.
@@ -39,17 +41,19 @@ import jax.numpy as jnp  # noqa: E402
 from mim_jax import config_lib  # noqa: E402
 from mim_jax import train  # noqa: E402
 
-METHODS = {
-    "mim": ("mapet_vitb", "mode=mim"),
-    "beitv2": ("beitv2_vitb", ""),
-    "mapet": ("mapet_vitb", "mode=mapet"),
-    "pim": ("mapet_vitb", "mode=pim"),
+METHODS = {   # name -> (config, argument, field overrides)
+    "mim": ("mapet_vitb", "mode=mim", {}),
+    "beitv2": ("beitv2_vitb", "", {}),
+    "mapet": ("mapet_vitb", "mode=mapet", {}),
+    "mapet_permuted": ("mapet_vitb", "mode=mapet", {"layout": "permuted"}),
+    "pim": ("mapet_vitb", "mode=pim", {}),
 }
 
 
 def _config(name, variant, batch, dtype):
-  module, arg = METHODS[name]
+  module, arg, method_fields = METHODS[name]
   c = config_lib.load_config(module, ",".join(filter(None, [arg, f"variant={variant}"])))
+  c.method.update(method_fields)
   c.batch_size = batch
   c.dtype = dtype
   c.data.source, c.data.path, c.data.worker_count = "embedded", "", 0

@@ -55,6 +55,7 @@ def get_config(arg: str = ""):
   c.method.mode = a.mode
   c.method.least_number = a.least   # the cutting point: context = the first `least` places
   c.method.num_masked = 75          # mode='mim' only (random masking, 40 %)
+  c.method.layout = "token"         # or 'permuted' (static mask; BENCHMARKS.md compares)
 
   c.tokenizer = config_lib.mlc.ConfigDict()
   c.tokenizer.kind = a.tokenizer

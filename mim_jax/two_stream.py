@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def predicted_tokens(perm: jax.Array, least: int) -> jax.Array:
@@ -75,3 +76,29 @@ def two_stream_masks(perm: jax.Array, least: int, *, with_mask_tokens: bool = Tr
   mask = mask.at[:, t + p:, :t].set(q_h)
   mask = mask.at[:, t + p:, t:t + p].set(q_m)
   return mask, pred
+
+
+def permuted_layout_mask(num_tokens: int, least: int, *, with_mask_tokens: bool = True
+                         ) -> np.ndarray:
+  """The same attention pattern with every stream in *permutation order* (content token i =
+  the i-th of the permutation, mask token / query j = the (least + j)-th): it no longer
+  depends on the sample, so it is one static (L, L) prefix/causal mask shared by the batch.
+  The model must then gather its tokens by `perm` and predict `perm[:, least:]`."""
+  t, p = num_tokens, num_tokens - least
+  i = np.arange(t)[:, None]
+  k = np.arange(t)[None, :]
+  j = np.arange(p)
+  h_h = (k < least) | (k <= i)
+  q_h = k < least + j[:, None]                       # preceding (and context), not itself
+  if not with_mask_tokens:
+    mask = np.zeros((t + p, t + p), bool)
+    mask[:t, :t], mask[t:, :t] = h_h, q_h
+    return mask
+  mask = np.zeros((t + 2 * p, t + 2 * p), bool)
+  mask[:t, :t] = h_h
+  mask[:t, t:t + p] = (least + j)[None, :] > i         # mask tokens of later tokens
+  mask[t:t + p, :t] = k < least                        # mask tokens: the context ...
+  mask[t:t + p, t:t + p] = True                        # ... and all mask tokens
+  mask[t + p:, :t] = q_h
+  mask[t + p:, t:t + p] = j[None, :] >= j[:, None]     # own + later mask tokens
+  return mask

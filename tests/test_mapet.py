@@ -255,3 +255,33 @@ def test_recipe_and_the_missing_token_cache_error(tmp_path):
   assert len(errors) == 1 and "config.tokenizer.cache" in errors[0], r.stderr[-2000:]
   assert "mim_jax.tokenize" in errors[0] and "kclip" in errors[0]
   assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("mode", ["mapet", "pim"])
+def test_permuted_layout_gives_the_same_loss(tmp_path, mode):
+  c = config_lib.load_config("mapet_vitb", f"runlocal,mode={mode}")
+  c.data.image_size = c.data.second_image_size = 16
+  c.model.variant, c.model.width, c.model.depth, c.model.heads = "T/4", 32, 2, 2
+  c.method.least_number = 6
+  c.tokenizer.update(path=_codebook(tmp_path), build_if_missing=False)
+  token = methods.build(c)
+  c.method.layout = "permuted"
+  permuted = methods.build(c)
+  rng = np.random.default_rng(1)
+  img = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+  ex = [token.prepare({"image": img[i], "image2": img[i]}, np.random.default_rng(i))
+        for i in range(3)]
+  batch = {k: jnp.asarray(np.stack([e[k] for e in ex])) for k in ex[0]}
+  params = _random_params(token.model, **{k: v for k, v in dict(
+      images=jnp.zeros((3, 16, 16, 3)), **token._inputs(batch)[0]).items()})  # pylint: disable=protected-access
+  a, _, _ = token.loss(params, {}, token.consts(), batch, None, train=False)
+  b, _, _ = permuted.loss(params, {}, permuted.consts(), batch, None, train=False)
+  np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
+  # The static mask is the per-sample one with rows and columns put in permutation order.
+  mask, pred = two_stream.two_stream_masks(batch["perm"], 6, with_mask_tokens=mode == "mapet")
+  static = two_stream.permuted_layout_mask(17, 6, with_mask_tokens=mode == "mapet")
+  for i in range(3):
+    perm = np.asarray(batch["perm"][i])
+    rank = np.searchsorted(np.asarray(pred[i]), perm[6:])
+    idx = np.concatenate([perm, 17 + rank] + ([17 + 11 + rank] if mode == "mapet" else []))
+    np.testing.assert_array_equal(np.asarray(mask[i])[np.ix_(idx, idx)], static)

@@ -35,6 +35,10 @@ from mim_jax.methods import token_targets
 from mim_jax.models import vit
 
 MODES = ("mapet", "pim", "mim")
+# 'token': streams in token-index order with per-sample masks built from the permutation
+# (the reference's layout); 'permuted': streams in permutation order with one static
+# prefix/causal mask (benchmarks/method_step_bench.py compares them).
+LAYOUTS = ("token", "permuted")
 _EXTRA_PARAMS = ("mask_positional_token", "mask_token", "decoder")
 
 PREPARE_TOKENS = (
@@ -57,7 +61,7 @@ class MaPeTModel(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, attn_mask=None, pred=None, mask=None, select=None,
-               train: bool = False):
+               content_order=None, train: bool = False):
     kw = self.vit_kw
     d, p, dtype = kw["embed_dim"], kw["patch_size"], kw.get("dtype", jnp.float32)
     b = images.shape[0]
@@ -80,6 +84,8 @@ class MaPeTModel(nn.Module):
     pos = self.param("pos_embed", token_init, (1, x.shape[1], d))
     x = x + pos.astype(x.dtype)
     num_real = x.shape[1]
+    if content_order is not None:   # the permuted layout: content tokens in perm order
+      x = jnp.take_along_axis(x, content_order[..., None], axis=1)
 
     if self.mode != "mim":
       m_pos = self.param("mask_positional_token", token_init, (1, 1, d))
@@ -124,6 +130,8 @@ class MaPeT:
     m, d = config.method, config.data
     if m.mode not in MODES:
       raise ValueError(f"config.method.mode must be one of {MODES}, got {m.mode!r}")
+    if m.get("layout", "token") not in LAYOUTS:
+      raise ValueError(f"config.method.layout must be one of {LAYOUTS}, got {m.layout!r}")
     self.vit_kw = ccvit.backbone_kwargs(config.model, config.dtype)
     self.patch = self.vit_kw["patch_size"]
     if d.image_size % self.patch:
@@ -175,6 +183,14 @@ class MaPeT:
     if m.mode == "mim":
       select = ccvit.selected_positions(batch["mask"], m.num_masked)
       return dict(mask=batch["mask"], select=select), select
+    if m.get("layout", "token") == "permuted":
+      # One static prefix/causal mask; tokens gathered into permutation order, predictions
+      # in permutation order (the loss is a mean, so the order does not change it).
+      mask = two_stream.permuted_layout_mask(self.num_patches + 1, m.least_number,
+                                             with_mask_tokens=m.mode == "mapet")
+      pred = batch["perm"][:, m.least_number:]
+      return dict(attn_mask=jnp.asarray(mask)[None], pred=pred,
+                  content_order=batch["perm"]), pred - 1
     attn_mask, pred = two_stream.two_stream_masks(batch["perm"], m.least_number,
                                                   with_mask_tokens=m.mode == "mapet")
     return dict(attn_mask=attn_mask, pred=pred), pred - 1   # patch index = token index - 1
