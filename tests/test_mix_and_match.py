@@ -1,4 +1,4 @@
-"""Mix and match: every token objective (BEiT v2, PeCo MIM, MaPeT) trains with every
+"""Mix and match: every token objective (BEiT v2, PeCo MIM, PeCo-MAE, MaPeT) trains with every
 tokenizer kind (VQ-KD, PeCo, k-CLIP, pixel centroids) by changing the config only. Each
 pairing runs two real trainer steps on a 4 x 4 patch grid (16 px, patch 4)."""
 import flax.linen as nn
@@ -86,6 +86,8 @@ OBJECTIVES = {
                                "method.early_layers": 1}),
     "peco_mim": ("peco_vitb", {"method.num_masked": 6, "method.min_block": 2}),
     "mapet": ("mapet_vitb", {"method.least_number": 6}),
+    "peco_mae": ("peco_mae_vitb", {"method.num_masked": 12, "method.decoder_dim": 16,
+                                   "method.decoder_depth": 1, "method.decoder_heads": 2}),
 }
 
 

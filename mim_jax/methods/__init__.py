@@ -20,6 +20,7 @@ _METHODS = {
     "caev2": "mim_jax.methods.caev2:CAEv2",
     "ccvit": "mim_jax.methods.ccvit:CCViT",
     "mapet": "mim_jax.methods.mapet:MaPeT",
+    "peco_mae": "mim_jax.methods.peco_mae:PeCoMAE",
     "peco_mim": "mim_jax.methods.beitv2:BEiTv2",
     "peco_vqvae": "mim_jax.methods.peco_vqvae:PeCoVQVAE",
     "vqkd": "mim_jax.methods.vqkd:VQKD",
