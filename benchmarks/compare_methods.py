@@ -43,6 +43,11 @@ METHODS = {
               ["--config.tokenizer.images_per_class=100"]),
     "caev2": ("configs/caev2_vitb.py:runlocal", "random CLIP ViT (stand-in for CLIP ViT-B/16)",
               []),
+    "peco_mim": ("configs/peco_vitb.py:runlocal", "pixel centroids, K=256 (stand-in for PeCo)",
+                 ["--config.tokenizer.images_per_class=100"]),
+    "peco_mae": ("configs/peco_mae_vitb.py:runlocal",
+                 "pixel centroids, K=256 (stand-in for PeCo)",
+                 ["--config.tokenizer.images_per_class=100"]),
 }
 BATCH = 32
 MODEL = ["--config.model.width=128", "--config.model.depth=4", "--config.model.heads=4"]

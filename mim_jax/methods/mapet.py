@@ -9,6 +9,12 @@ MIM and PIM baselines of MaPeT Table 1.
   mode='pim'    the same two streams without the mask tokens in the content stream.
   mode='mim'    BERT-style: `num_masked` random patches replaced by a mask token, CE at them.
 
+Layouts (config.method.layout): 'token' keeps every stream in token-index order with the
+reference's per-sample masks; 'permuted' (the configs' default, 1.22x faster for ViT-B/16 on
+CPU, BENCHMARKS.md §6) gathers the tokens into permutation order, where the masks become one
+static prefix/causal pattern shared by the batch. The loss is the same (a mean over the
+predictions; tests/test_mapet.py).
+
 All weights are shared between the streams: they are one sequence [h, M, g] through the same
 blocks, with a combined mask in which no row attends to g, so keys and values come from the
 content stream only (exactly the reference's two attentions; g's own keys are computed and
