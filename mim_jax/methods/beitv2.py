@@ -70,15 +70,9 @@ class BEiTv2Model(nn.Module):
 
     # Patch aggregation: final cls (pre-norm) + layer-l patches through the extra blocks.
     x = jnp.concatenate([out["last"][:, :1], out["layers"][self.early_layers][:, 1:]], axis=1)
-    depth = kw["depth"]
-    dpr = np.linspace(0.0, kw.get("drop_path_rate", 0.0),
-                      max(depth, self.early_layers + self.head_layers))
-    for i in range(self.head_layers):
-      x = vit.Block(dim=kw["embed_dim"], num_heads=kw["num_heads"],
-                    layer_scale_init=kw.get("layer_scale_init", 0.1),
-                    drop_path=float(dpr[self.early_layers + i]), weight_init="torch_default",
-                    depth_rescale_layer_id=self.early_layers + i + 1, dtype=dtype,
-                    name=f"cls_pt_block_{i}")(x, rel_pos_bias=out["rel_pos_bias"], train=train)
+    x = ccvit.aggregation_blocks(x, kw, out["rel_pos_bias"], early_layers=self.early_layers,
+                                 head_layers=self.head_layers, prefix="cls_pt_block",
+                                 train=train)
     x = take(x[:, 1:])
     if self.shared_lm_head:
       agg_logits = head(x)
@@ -98,12 +92,8 @@ class BEiTv2:
 
   def __init__(self, config, *, workdir: str | None = None, source=None):
     self.config = config
-    m, d = config.method, config.data
-    self.patch = vit.vit_kwargs(config.model.variant)["patch_size"]
-    if d.image_size % self.patch:
-      raise ValueError(f"config.data.image_size={d.image_size} is not a multiple of the "
-                       f"patch size {self.patch} (config.model.variant)")
-    self.grid = (d.image_size // self.patch,) * 2
+    m = config.method
+    self.patch, self.grid = ccvit.patch_grid(config)
     self.num_patches = self.grid[0] * self.grid[1]
     if not 0 < m.num_masked <= self.num_patches:
       raise ValueError(f"config.method.num_masked={m.num_masked} must be in "
@@ -117,8 +107,6 @@ class BEiTv2:
     self.model = BEiTv2Model(self.vit_kw, vocab_size=self.targets.vocab_size,
                              early_layers=m.early_layers, head_layers=m.head_layers,
                              shared_lm_head=m.shared_lm_head)
-    self.mean = jnp.asarray(transforms.IMAGENET_MEAN, jnp.float32)
-    self.std = jnp.asarray(transforms.IMAGENET_STD, jnp.float32)
 
   # ---------------------------------------------------------------- plug-in interface
   def wrap_source(self, source):
@@ -157,7 +145,7 @@ class BEiTv2:
   def forward(self, params, consts, batch, rng, train: bool):
     """(main logits, aggregation logits, targets) at the masked positions."""
     select = ccvit.selected_positions(batch["mask"], self.config.method.num_masked)
-    x = (batch["image"].astype(jnp.float32) / 255.0 - self.mean) / self.std
+    x = transforms.normalize(batch["image"], dtype=jnp.float32)
     logits, agg = self.model.apply({"params": params}, x.astype(self.vit_kw["dtype"]),
                                    batch["mask"], select, train=train,
                                    rngs={"dropout": rng} if train else {})

@@ -149,11 +149,7 @@ class CAEv2:
     self.config = config
     m, d = config.method, config.data
     self.vit_kw = ccvit.backbone_kwargs(config.model, config.dtype)
-    self.patch = self.vit_kw["patch_size"]
-    if d.image_size % self.patch:
-      raise ValueError(f"config.data.image_size={d.image_size} is not a multiple of the "
-                       f"patch size {self.patch} (config.model.variant)")
-    self.grid = (d.image_size // self.patch,) * 2
+    self.patch, self.grid = ccvit.patch_grid(config)
     self.num_patches = self.grid[0] * self.grid[1]
     if not 0 < m.num_masked < self.num_patches:
       raise ValueError(f"config.method.num_masked={m.num_masked} must be in "
@@ -176,8 +172,6 @@ class CAEv2:
                             regressor_heads=m.regressor_heads,
                             target_dim=arch["output_dim"],
                             regressor_drop_path=m.regressor_drop_path)
-    self.mean = jnp.asarray(transforms.IMAGENET_MEAN, jnp.float32)
-    self.std = jnp.asarray(transforms.IMAGENET_STD, jnp.float32)
 
   # ---------------------------------------------------------------- plug-in interface
   def consts(self) -> dict:
@@ -209,7 +203,7 @@ class CAEv2:
   def forward(self, params, consts, batch, rng, train: bool):
     """(predictions, CLIP targets) (B, 1 + N, 512), both in [cls, visible, masked] order."""
     visible, masked = visible_and_masked(batch["mask"], self.config.method.num_masked)
-    x = (batch["image"].astype(jnp.float32) / 255.0 - self.mean) / self.std
+    x = transforms.normalize(batch["image"], dtype=jnp.float32)
     pred = self.model.apply({"params": params}, x.astype(self.vit_kw["dtype"]), visible,
                             masked, train=train, rngs={"dropout": rng} if train else {})
     tokens = self.teacher.apply_tokens(consts["teacher"],

@@ -48,6 +48,33 @@ def backbone_kwargs(model_cfg, dtype: str = "float32") -> dict:
   return kw
 
 
+def patch_grid(config) -> tuple[int, tuple[int, int]]:
+  """(patch size, patch grid) of the student, with the image size checked against it."""
+  patch = vit.vit_kwargs(config.model.variant)["patch_size"]
+  size = config.data.image_size
+  if size % patch:
+    raise ValueError(f"config.data.image_size={size} is not a multiple of the "
+                     f"patch size {patch} (config.model.variant)")
+  return patch, (size // patch, size // patch)
+
+
+def aggregation_blocks(x, kw: dict, rel_pos_bias, *, early_layers: int, head_layers: int,
+                       prefix: str, train: bool):
+  """BEiT v2's cls-pt blocks (CCViT's pixel block): `head_layers` blocks after layer
+  `early_layers`, drop path rates continuing the backbone's, PyTorch-default init with the
+  depth rescale only (§1.3). Call inside a compact method: the blocks join its scope."""
+  dpr = np.linspace(0.0, kw.get("drop_path_rate", 0.0),
+                    max(kw["depth"], early_layers + head_layers))
+  for i in range(head_layers):
+    x = vit.Block(dim=kw["embed_dim"], num_heads=kw["num_heads"],
+                  layer_scale_init=kw.get("layer_scale_init", 0.1),
+                  drop_path=float(dpr[early_layers + i]), weight_init="torch_default",
+                  depth_rescale_layer_id=early_layers + i + 1,
+                  dtype=kw.get("dtype", jnp.float32),
+                  name=f"{prefix}_{i}")(x, rel_pos_bias=rel_pos_bias, train=train)
+  return x
+
+
 class CCViTModel(nn.Module):
   """Backbone + token head + pixel block. Returns predictions at `select` positions."""
   vit_kw: dict
@@ -75,15 +102,8 @@ class CCViTModel(nn.Module):
 
     # Pixel block: final cls (before the final norm) + layer-l patch tokens.
     x = jnp.concatenate([out["last"][:, :1], out["layers"][self.early_layers][:, 1:]], axis=1)
-    depth = kw["depth"]
-    dpr = np.linspace(0.0, kw.get("drop_path_rate", 0.0),
-                      max(depth, self.early_layers + self.head_layers))
-    for i in range(self.head_layers):
-      x = vit.Block(dim=kw["embed_dim"], num_heads=kw["num_heads"],
-                    layer_scale_init=kw.get("layer_scale_init", 0.1),
-                    drop_path=float(dpr[self.early_layers + i]), weight_init="torch_default",
-                    depth_rescale_layer_id=self.early_layers + i + 1, dtype=dtype,
-                    name=f"pixel_block_{i}")(x, rel_pos_bias=out["rel_pos_bias"], train=train)
+    x = aggregation_blocks(x, kw, out["rel_pos_bias"], early_layers=self.early_layers,
+                           head_layers=self.head_layers, prefix="pixel_block", train=train)
     x = take(x[:, 1:])
     x = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name="pixel_norm",
                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
@@ -111,14 +131,10 @@ class CCViT:
   def __init__(self, config, *, workdir: str | None = None, source=None):
     self.config = config
     m, d = config.method, config.data
-    self.patch = vit.vit_kwargs(config.model.variant)["patch_size"]
-    if d.image_size % self.patch:
-      raise ValueError(f"config.data.image_size={d.image_size} is not a multiple of the "
-                       f"patch size {self.patch} (config.model.variant)")
+    self.patch, self.grid = patch_grid(config)
     if d.second_image_size != d.image_size:
       raise ValueError("config.data.second_image_size must equal config.data.image_size "
                        "for CCViT: replaced patches and pixel targets index the same grid")
-    self.grid = (d.image_size // self.patch, d.image_size // self.patch)
     self.num_patches = self.grid[0] * self.grid[1]
     if m.num_masked + m.num_replaced > self.num_patches:
       raise ValueError(f"config.method: num_masked + num_replaced = "

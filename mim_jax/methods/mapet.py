@@ -133,17 +133,13 @@ class MaPeT:
   def __init__(self, config, *, workdir: str | None = None, source=None):
     self.check(config)
     self.config = config
-    m, d = config.method, config.data
+    m = config.method
     if m.mode not in MODES:
       raise ValueError(f"config.method.mode must be one of {MODES}, got {m.mode!r}")
     if m.get("layout", "token") not in LAYOUTS:
       raise ValueError(f"config.method.layout must be one of {LAYOUTS}, got {m.layout!r}")
     self.vit_kw = ccvit.backbone_kwargs(config.model, config.dtype)
-    self.patch = self.vit_kw["patch_size"]
-    if d.image_size % self.patch:
-      raise ValueError(f"config.data.image_size={d.image_size} is not a multiple of the "
-                       f"patch size {self.patch} (config.model.variant)")
-    self.grid = (d.image_size // self.patch,) * 2
+    self.patch, self.grid = ccvit.patch_grid(config)
     self.num_patches = self.grid[0] * self.grid[1]
     t = self.num_patches + 1
     if m.mode != "mim" and not 1 <= m.least_number < t:
@@ -155,8 +151,6 @@ class MaPeT:
     self.targets = token_targets.TokenTargets(config, self.grid, patch_size=self.patch,
                                               workdir=workdir, source=source)
     self.model = MaPeTModel(self.vit_kw, self.targets.vocab_size, mode=m.mode)
-    self.mean = jnp.asarray(transforms.IMAGENET_MEAN, jnp.float32)
-    self.std = jnp.asarray(transforms.IMAGENET_STD, jnp.float32)
 
   # ---------------------------------------------------------------- plug-in interface
   def wrap_source(self, source):
@@ -216,7 +210,7 @@ class MaPeT:
   def forward(self, params, consts, batch, rng, train: bool):
     """(logits (B, P, V), targets (B, P)) over the predicted (or masked) patches."""
     kwargs, patch_idx = self._inputs(batch)
-    x = (batch["image"].astype(jnp.float32) / 255.0 - self.mean) / self.std
+    x = transforms.normalize(batch["image"], dtype=jnp.float32)
     logits = self.model.apply({"params": params}, x.astype(self.vit_kw["dtype"]), train=train,
                               rngs={"dropout": rng} if train else {}, **kwargs)
     targets = jnp.take_along_axis(self.targets(consts, batch), patch_idx, axis=1)

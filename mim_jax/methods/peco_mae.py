@@ -74,13 +74,9 @@ class PeCoMAE:
 
   def __init__(self, config, *, workdir: str | None = None, source=None):
     self.config = config
-    m, d = config.method, config.data
+    m = config.method
     self.vit_kw = ccvit.backbone_kwargs(config.model, config.dtype)
-    self.patch = self.vit_kw["patch_size"]
-    if d.image_size % self.patch:
-      raise ValueError(f"config.data.image_size={d.image_size} is not a multiple of the "
-                       f"patch size {self.patch} (config.model.variant)")
-    self.grid = (d.image_size // self.patch,) * 2
+    self.patch, self.grid = ccvit.patch_grid(config)
     self.num_patches = self.grid[0] * self.grid[1]
     if not 0 < m.num_masked < self.num_patches:
       raise ValueError(f"config.method.num_masked={m.num_masked} must be in "
@@ -92,8 +88,6 @@ class PeCoMAE:
                                               workdir=workdir, source=source)
     self.model = PeCoMAEModel(self.vit_kw, self.targets.vocab_size, m.decoder_dim,
                               m.decoder_depth, m.decoder_heads)
-    self.mean = jnp.asarray(transforms.IMAGENET_MEAN, jnp.float32)
-    self.std = jnp.asarray(transforms.IMAGENET_STD, jnp.float32)
 
   def wrap_source(self, source):
     return self.targets.wrap_source(source)
@@ -125,7 +119,7 @@ class PeCoMAE:
 
   def forward(self, params, consts, batch, rng, train: bool):
     visible, masked = caev2.visible_and_masked(batch["mask"], self.config.method.num_masked)
-    x = (batch["image"].astype(jnp.float32) / 255.0 - self.mean) / self.std
+    x = transforms.normalize(batch["image"], dtype=jnp.float32)
     logits = self.model.apply({"params": params}, x.astype(self.vit_kw["dtype"]), visible,
                               masked, train=train, rngs={"dropout": rng} if train else {})
     targets = jnp.take_along_axis(self.targets(consts, batch), masked, axis=1)
