@@ -147,6 +147,9 @@ def test_cosine_rec_loss_is_one_minus_cosine_per_token():
 # ----------------------------------------------------------------------------- training
 def _tiny_config():
   c = config_lib.load_config("vqkd_vitb", "runlocal")
+  # Fixed geometry: runlocal picks 64 px / patch 8 when ../shared/data is absent.
+  c.data.image_size = c.data.second_image_size = SIZE
+  c.model.variant = f"T/{PATCH}"
   c.model.width, c.model.depth, c.model.heads = 32, 1, 2
   c.vqkd.update(num_codes=16, decoder_width=32, decoder_heads=2)
   c.teacher.random_init = f"random:ViT-B/16,width=32,layers=1,patch_size={PATCH},image_size={SIZE}"
