@@ -1,4 +1,5 @@
-# mim_jax: `make demo` (install + the main job on embedded photos), `make test` (whole suite).
+# mim_jax: `make demo` (install + the main job on embedded photos), `make test` (whole suite),
+# `make lint` (ruff: formatting and lint rules of ruff.toml, read-only).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -6,7 +7,7 @@ PIP     = $(PY) -m pip --disable-pip-version-check -q
 WORKDIR ?= runs/demo
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test lint install install-test clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest tests
+
+# Checks only; `$(VENV)/bin/ruff format .` and `$(VENV)/bin/ruff check --fix .` apply fixes.
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -1,48 +1,52 @@
 """mim_jax: masked-image-modeling pre-training of Vision Transformers in JAX/Flax."""
+
 import setuptools
 
 # Versions pinned together: they install side by side and `pip check` is clean
 # (see README "Installation"). Bump them together, never one alone.
 INSTALL_REQUIRES = [
-    "jax==0.10.2",
-    "jaxlib==0.10.2",
-    "flax==0.12.8",
-    "optax==0.2.8",
-    "orbax-checkpoint==0.12.8",
-    "grain==0.2.18",
-    "tensorflow-datasets==4.9.10",
-    "array-record==0.8.6",
-    "ml-collections==1.1.0",
-    "clu==0.0.12",
-    # clu's metric writers import TensorFlow without declaring it.
-    "tensorflow-cpu==2.21.0",
-    "tensorboard==2.21.0",
-    "scikit-learn==1.9.1",
-    "numpy==2.4.6",
-    "pillow==13.0.0",
-    "absl-py",
-    "matplotlib",
+  "jax==0.10.2",
+  "jaxlib==0.10.2",
+  "flax==0.12.8",
+  "optax==0.2.8",
+  "orbax-checkpoint==0.12.8",
+  "grain==0.2.18",
+  "tensorflow-datasets==4.9.10",
+  "array-record==0.8.6",
+  "ml-collections==1.1.0",
+  "clu==0.0.12",
+  # clu's metric writers import TensorFlow without declaring it.
+  "tensorflow-cpu==2.21.0",
+  "tensorboard==2.21.0",
+  "scikit-learn==1.9.1",
+  "numpy==2.4.6",
+  "pillow==13.0.0",
+  "absl-py",
+  "matplotlib",
 ]
 
 EXTRAS = {
-    # Parity references. torch==2.13.0 resolves to the CPU wheel on this
-    # machine's local wheel cache; never let a CUDA build be pulled.
-    "test": [
-        "pytest",
-        "torch==2.13.0",
-        "torchvision==0.28.0",
-        "timm==1.0.31",
-        "open_clip_torch==3.3.0",
-        "faiss-cpu==1.15.1",
-    ],
+  # Parity references. torch==2.13.0 resolves to the CPU wheel on this
+  # machine's local wheel cache; never let a CUDA build be pulled.
+  "test": [
+    "pytest",
+    "ruff==0.17.6",  # `make lint`; its settings are in ruff.toml
+    "torch==2.13.0",
+    "torchvision==0.28.0",
+    "timm==1.0.31",
+    "open_clip_torch==3.3.0",
+    "faiss-cpu==1.15.1",
+  ],
 }
 
 setuptools.setup(
-    name="mim_jax",
-    version="0.1.0",
-    description="Masked-image-modeling pre-training of ViTs (BEiT v2, PeCo, MaPeT, CCViT, CAE v2) in JAX/Flax.",
-    packages=setuptools.find_packages(include=["mim_jax", "mim_jax.*"]),
-    python_requires=">=3.11",
-    install_requires=INSTALL_REQUIRES,
-    extras_require=EXTRAS,
+  name="mim_jax",
+  version="0.1.0",
+  description=(
+    "Masked-image-modeling pre-training of ViTs (BEiT v2, PeCo, MaPeT, CCViT, CAE v2) in JAX/Flax."
+  ),
+  packages=setuptools.find_packages(include=["mim_jax", "mim_jax.*"]),
+  python_requires=">=3.11",
+  install_requires=INSTALL_REQUIRES,
+  extras_require=EXTRAS,
 )

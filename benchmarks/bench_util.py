@@ -1,4 +1,5 @@
 """Helpers shared by the benchmark scripts (run as `python benchmarks/<name>.py`)."""
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ def machine() -> str:
   except (OSError, StopIteration):
     pass
   try:
-    cores = len(os.sched_getaffinity(0))   # what this process may use (nproc), not the host's
+    cores = len(os.sched_getaffinity(0))  # what this process may use (nproc), not the host's
   except AttributeError:
     cores = os.cpu_count()
   return f"{cores} cores, {cpu}, {platform.platform()}"

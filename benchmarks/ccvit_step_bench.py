@@ -38,28 +38,30 @@ for _p in (_ROOT, _HERE):
   if _p not in sys.path:
     sys.path.insert(0, _p)
 
-from torch_ccvit_reference import VARIANTS  # pylint: disable=wrong-import-position
+from torch_ccvit_reference import VARIANTS  # noqa: E402  (benchmarks/ is on sys.path now)
 
-DATA_DIR = os.path.normpath(
-    os.path.join(_ROOT, '..', 'shared', 'data', 'imagenette2_224_sample'))
+DATA_DIR = os.path.normpath(os.path.join(_ROOT, '..', 'shared', 'data', 'imagenette2_224_sample'))
 
 
 # ----------------------------------------------------------------------------
 # Inputs shared by both frameworks.
 # ----------------------------------------------------------------------------
 
+
 def _list_images(data_dir):
   if not data_dir or not os.path.isdir(data_dir):
     return []
   out = []
   for root, _, files in os.walk(data_dir):
-    out.extend(os.path.join(root, f) for f in files
-               if f.lower().endswith(('.jpeg', '.jpg', '.png')))
+    out.extend(
+      os.path.join(root, f) for f in files if f.lower().endswith(('.jpeg', '.jpg', '.png'))
+    )
   return sorted(out)
 
 
 def _load_image(path, size):
   from PIL import Image  # pylint: disable=import-outside-toplevel
+
   with Image.open(path) as im:
     im = im.convert('RGB')
     if im.size != (size, size):
@@ -67,8 +69,9 @@ def _load_image(path, size):
     return np.asarray(im, np.uint8)
 
 
-def make_inputs(batch_size, image_size, seed, patch=16, num_masked=None,
-                num_replaced=None, data_dir=DATA_DIR):
+def make_inputs(
+  batch_size, image_size, seed, patch=16, num_masked=None, num_replaced=None, data_dir=DATA_DIR
+):
   """A fixed CCViT batch as numpy arrays, identical for JAX and torch.
 
   Images are real photos from `data_dir` (Imagenette 224² sample) when it
@@ -87,6 +90,7 @@ def make_inputs(batch_size, image_size, seed, patch=16, num_masked=None,
     {'image', 'image2': uint8 (B, H, W, 3); 'mask', 'replaced': bool (B, N)}.
   """
   from mim_jax import masking  # pylint: disable=import-outside-toplevel
+
   rng = np.random.default_rng(seed)
   grid = image_size // patch
   n = grid * grid
@@ -101,21 +105,22 @@ def make_inputs(batch_size, image_size, seed, patch=16, num_masked=None,
     flip = rng.random(batch_size) < 0.5
     images[flip] = images[flip, :, ::-1]
   else:
-    images = rng.integers(0, 256, (batch_size, image_size, image_size, 3),
-                          dtype=np.uint8)
-  mask = np.stack([masking.block_mask(rng, (grid, grid), num_masked)
-                   for _ in range(batch_size)])
-  replaced = np.stack([masking.replaced_positions(rng, m, num_replaced)
-                       for m in mask])
+    images = rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8)
+  mask = np.stack([masking.block_mask(rng, (grid, grid), num_masked) for _ in range(batch_size)])
+  replaced = np.stack([masking.replaced_positions(rng, m, num_replaced) for m in mask])
   assert not (mask & replaced).any()
-  return {'image': np.ascontiguousarray(images),
-          'image2': np.ascontiguousarray(images.copy()),
-          'mask': mask.astype(bool), 'replaced': replaced.astype(bool)}
+  return {
+    'image': np.ascontiguousarray(images),
+    'image2': np.ascontiguousarray(images.copy()),
+    'mask': mask.astype(bool),
+    'replaced': replaced.astype(bool),
+  }
 
 
 # ----------------------------------------------------------------------------
 # Analytic FLOPs.
 # ----------------------------------------------------------------------------
+
 
 def flops_per_image(variant, image_size=224, k=8192, num_pred=95):
   """Model FLOPs per image for one training step (see the module doc)."""
@@ -125,10 +130,12 @@ def flops_per_image(variant, image_size=224, k=8192, num_pred=95):
   n = (image_size // patch) ** 2
   t = n + 1
   pdim = 3 * patch * patch
-  block = 2 * t * dim * 3 * dim + 2 * 2 * t * t * dim + 2 * t * dim * dim \
-      + 2 * 2 * t * dim * 4 * dim
-  fwd = (depth + 2) * block + 2 * n * pdim * dim \
-      + 2 * num_pred * dim * k + 2 * num_pred * dim * pdim
+  block = (
+    2 * t * dim * 3 * dim + 2 * 2 * t * t * dim + 2 * t * dim * dim + 2 * 2 * t * dim * 4 * dim
+  )
+  fwd = (
+    (depth + 2) * block + 2 * n * pdim * dim + 2 * num_pred * dim * k + 2 * num_pred * dim * pdim
+  )
   tok = 2 * n * pdim * k
   return {'forward': fwd, 'tokenizer': tok, 'train': 3 * fwd + tok}
 
@@ -136,6 +143,7 @@ def flops_per_image(variant, image_size=224, k=8192, num_pred=95):
 # ----------------------------------------------------------------------------
 # Machine / load bookkeeping.
 # ----------------------------------------------------------------------------
+
 
 def _cpu_model():
   try:
@@ -200,6 +208,7 @@ def _versions():
 # The two step builders. Each returns (run_steps(n) -> seconds, info).
 # ----------------------------------------------------------------------------
 
+
 def _set(cfg, dotted, value):
   node = cfg
   parts = dotted.split('.')
@@ -217,18 +226,25 @@ def _parse_value(s):
   return {'true': True, 'false': False}.get(s.lower(), s)
 
 
-def build_jax(variant, batch_size, image_size, dtype, k, num_masked,
-              num_replaced, inputs, overrides=()):
+def build_jax(
+  variant, batch_size, image_size, dtype, k, num_masked, num_replaced, inputs, overrides=()
+):
   """The project's jitted trainer step on `inputs`."""
   import jax  # pylint: disable=import-outside-toplevel
-  from mim_jax import train  # pylint: disable=import-outside-toplevel
+
   from configs import ccvit_vitb  # pylint: disable=import-outside-toplevel
+  from mim_jax import train  # pylint: disable=import-outside-toplevel
+
   config = ccvit_vitb.get_config('')
-  fields = {'model.variant': variant, 'batch_size': batch_size,
-            'data.image_size': image_size,
-            'dtype': {'fp32': 'float32', 'bf16': 'bfloat16'}[dtype],
-            'method.num_masked': num_masked,
-            'method.num_replaced': num_replaced, 'tokenizer.k': k}
+  fields = {
+    'model.variant': variant,
+    'batch_size': batch_size,
+    'data.image_size': image_size,
+    'dtype': {'fp32': 'float32', 'bf16': 'bfloat16'}[dtype],
+    'method.num_masked': num_masked,
+    'method.num_replaced': num_replaced,
+    'tokenizer.k': k,
+  }
   if 'second_image_size' in config.data:
     fields['data.second_image_size'] = image_size
   for kv in overrides:
@@ -238,34 +254,55 @@ def build_jax(variant, batch_size, image_size, dtype, k, num_masked,
     for key, val in fields.items():
       _set(config, key, val)
   t0 = time.perf_counter()
-  step_fn, state, batch = train.build_step_for_benchmark(
-      config, batch_inputs=inputs)
+  step_fn, state, frozen, batch = train.build_step_for_benchmark(config, batch_inputs=inputs)
   build_s = time.perf_counter() - t0
   box = {'state': state, 'metrics': None}
 
   def run(n):
     t0 = time.perf_counter()
     for _ in range(n):
-      box['state'], box['metrics'] = step_fn(box['state'], batch)
+      box['state'], box['metrics'] = step_fn(box['state'], frozen, batch)
     jax.block_until_ready((box['state'], box['metrics']))
     return time.perf_counter() - t0
 
   first_s = run(1)
-  info = {'build_s': build_s, 'first_s': first_s, 'box': box,
-          'metrics': lambda: {k_: float(v) for k_, v in
-                              box['metrics'].items() if np.ndim(v) == 0}}
+  info = {
+    'build_s': build_s,
+    'first_s': first_s,
+    'box': box,
+    'metrics': lambda: {k_: float(v) for k_, v in box['metrics'].items() if np.ndim(v) == 0},
+  }
   return run, info
 
 
-def build_torch(variant, batch_size, image_size, k, num_masked, num_replaced,
-                inputs, compile_model=False, threads=2):
+def build_torch(
+  variant,
+  batch_size,
+  image_size,
+  k,
+  num_masked,
+  num_replaced,
+  inputs,
+  compile_model=False,
+  threads=2,
+):
   """The timm-based reference step on `inputs`."""
   from torch_ccvit_reference import make_torch_step  # pylint: disable=import-outside-toplevel
+
   size, patch = variant.split('/')
   t0 = time.perf_counter()
   step, tinfo = make_torch_step(
-      size, batch_size, image_size, int(patch), k, num_masked, num_replaced,
-      inputs=inputs, compile_model=compile_model, threads=threads)
+    size,
+    batch_size,
+    image_size,
+    int(patch),
+    k,
+    num_masked,
+    num_replaced,
+    inputs=inputs,
+    compile_model=compile_model,
+    threads=threads,
+  )
   build_s = time.perf_counter() - t0
   box = {'metrics': None}
 
@@ -276,14 +313,20 @@ def build_torch(variant, batch_size, image_size, k, num_masked, num_replaced,
     return time.perf_counter() - t0
 
   first_s = run(1)
-  info = {'build_s': build_s, 'first_s': first_s, 'box': box,
-          'metrics': lambda: box['metrics'], 'tinfo': tinfo}
+  info = {
+    'build_s': build_s,
+    'first_s': first_s,
+    'box': box,
+    'metrics': lambda: box['metrics'],
+    'tinfo': tinfo,
+  }
   return run, info
 
 
 # ----------------------------------------------------------------------------
 # Main.
 # ----------------------------------------------------------------------------
+
 
 def _fmt_row(cells):
   return '| ' + ' | '.join(str(c) for c in cells) + ' |'
@@ -293,37 +336,64 @@ def bench_variant(args, variant, batch_size, meter, log):
   """Builds all contenders for one variant, times them alternately."""
   size, patch = variant.split('/')
   n = (args.image_size // int(patch)) ** 2
-  num_masked = args.num_masked if args.num_masked >= 0 else \
-      int(round(75 * n / 196))
-  num_replaced = args.num_replaced if args.num_replaced >= 0 else \
-      int(round(20 * n / 196))
-  inputs = make_inputs(batch_size, args.image_size, args.seed, int(patch),
-                       num_masked, num_replaced)
+  num_masked = args.num_masked if args.num_masked >= 0 else int(round(75 * n / 196))
+  num_replaced = args.num_replaced if args.num_replaced >= 0 else int(round(20 * n / 196))
+  inputs = make_inputs(batch_size, args.image_size, args.seed, int(patch), num_masked, num_replaced)
   source = 'imagenette2_224_sample' if _list_images(DATA_DIR) else 'random'
-  log(f'# {variant} batch {batch_size}: {source} images, '
-      f'{num_masked} masked + {num_replaced} replaced of {n}')
+  log(
+    f'# {variant} batch {batch_size}: {source} images, '
+    f'{num_masked} masked + {num_replaced} replaced of {n}'
+  )
   contenders = []  # (framework, dtype, run, info)
   if not args.no_jax:
     for dtype in args.dtype.split(','):
-      run, info = build_jax(variant, batch_size, args.image_size, dtype,
-                            args.k, num_masked, num_replaced, inputs, args.set)
-      log(f'  jax {dtype}: build {info["build_s"]:.1f}s, first call '
-          f'(compile + 1 step) {info["first_s"]:.1f}s')
+      run, info = build_jax(
+        variant,
+        batch_size,
+        args.image_size,
+        dtype,
+        args.k,
+        num_masked,
+        num_replaced,
+        inputs,
+        args.set,
+      )
+      log(
+        f'  jax {dtype}: build {info["build_s"]:.1f}s, first call '
+        f'(compile + 1 step) {info["first_s"]:.1f}s'
+      )
       contenders.append(('JAX (mim_jax)', dtype, run, info))
   if not args.no_torch:
-    run, info = build_torch(variant, batch_size, args.image_size, args.k,
-                            num_masked, num_replaced, inputs,
-                            compile_model=False, threads=args.torch_threads)
-    log(f'  torch eager: build {info["build_s"]:.1f}s, first step '
-        f'{info["first_s"]:.1f}s')
+    run, info = build_torch(
+      variant,
+      batch_size,
+      args.image_size,
+      args.k,
+      num_masked,
+      num_replaced,
+      inputs,
+      compile_model=False,
+      threads=args.torch_threads,
+    )
+    log(f'  torch eager: build {info["build_s"]:.1f}s, first step {info["first_s"]:.1f}s')
     contenders.append(('PyTorch eager (timm)', 'fp32', run, info))
     if args.torch_compile:
       t0 = time.perf_counter()
-      run, info = build_torch(variant, batch_size, args.image_size, args.k,
-                              num_masked, num_replaced, inputs,
-                              compile_model=True, threads=args.torch_threads)
-      log(f'  torch.compile: first step (compile) {info["first_s"]:.1f}s '
-          f'(total {time.perf_counter() - t0:.1f}s)')
+      run, info = build_torch(
+        variant,
+        batch_size,
+        args.image_size,
+        args.k,
+        num_masked,
+        num_replaced,
+        inputs,
+        compile_model=True,
+        threads=args.torch_threads,
+      )
+      log(
+        f'  torch.compile: first step (compile) {info["first_s"]:.1f}s '
+        f'(total {time.perf_counter() - t0:.1f}s)'
+      )
       contenders.append(('PyTorch compile (timm)', 'fp32', run, info))
   for _, _, run, _ in contenders:  # warm-up, not timed
     if args.warmup:
@@ -337,11 +407,15 @@ def bench_variant(args, variant, batch_size, meter, log):
       with meter:
         dt = contenders[i][2](args.steps)
       times[i].append(dt / args.steps)
-    log(f'  round {r}: ' + ', '.join(
+    log(
+      f'  round {r}: '
+      + ', '.join(
         f'{contenders[i][0]} {contenders[i][1]} {times[i][-1] * 1e3:.0f} ms'
-        for i in range(len(contenders))) + f' (loadavg {_loadavg()})')
-  fl = flops_per_image(variant, args.image_size, args.k,
-                       num_masked + num_replaced)
+        for i in range(len(contenders))
+      )
+      + f' (loadavg {_loadavg()})'
+    )
+  fl = flops_per_image(variant, args.image_size, args.k, num_masked + num_replaced)
   rows = []
   for i, (fw, dtype, _, info) in enumerate(contenders):
     step_s = statistics.median(times[i])
@@ -349,12 +423,23 @@ def bench_variant(args, variant, batch_size, meter, log):
     m = info['metrics']() or {}
     loss = m.get('loss', float('nan'))
     first = info['first_s']
-    compile_s = f'{max(first - step_s, 0.0):.1f}' if fw.startswith('JAX') \
-        or 'compile' in fw else '–'
-    rows.append([variant, fw, dtype, batch_size, f'{ips:.2f}',
-                 f'{step_s * 1e3:.0f}', f'{fl["train"] / 1e9:.1f}',
-                 f'{fl["train"] * ips / 1e9:.0f}', compile_s,
-                 f'{loss:.3f}'])
+    compile_s = (
+      f'{max(first - step_s, 0.0):.1f}' if fw.startswith('JAX') or 'compile' in fw else '–'
+    )
+    rows.append(
+      [
+        variant,
+        fw,
+        dtype,
+        batch_size,
+        f'{ips:.2f}',
+        f'{step_s * 1e3:.0f}',
+        f'{fl["train"] / 1e9:.1f}',
+        f'{fl["train"] * ips / 1e9:.0f}',
+        compile_s,
+        f'{loss:.3f}',
+      ]
+    )
     info['box'].clear()
   del contenders
   gc.collect()
@@ -362,29 +447,27 @@ def bench_variant(args, variant, batch_size, meter, log):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(
-      description='CCViT step: mim_jax vs timm/PyTorch, images/s.')
+  ap = argparse.ArgumentParser(description='CCViT step: mim_jax vs timm/PyTorch, images/s.')
   ap.add_argument('--variants', default='B/16,T/16')
-  ap.add_argument('--batch_sizes', default='8,32',
-                  help='one per variant (comma-separated)')
-  ap.add_argument('--dtype', default='fp32,bf16',
-                  help='JAX compute dtype(s): fp32, bf16 or both')
+  ap.add_argument('--batch_sizes', default='8,32', help='one per variant (comma-separated)')
+  ap.add_argument('--dtype', default='fp32,bf16', help='JAX compute dtype(s): fp32, bf16 or both')
   ap.add_argument('--image_size', type=int, default=224)
   ap.add_argument('--k', type=int, default=8192)
   ap.add_argument('--num_masked', type=int, default=-1, help='-1: 75/196')
   ap.add_argument('--num_replaced', type=int, default=-1, help='-1: 20/196')
-  ap.add_argument('--warmup', type=int, default=1,
-                  help='untimed steps after the first call')
+  ap.add_argument('--warmup', type=int, default=1, help='untimed steps after the first call')
   ap.add_argument('--rounds', type=int, default=3)
   ap.add_argument('--steps', type=int, default=3, help='timed steps/round')
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--torch_threads', type=int, default=2)
-  ap.add_argument('--torch_compile', action='store_true',
-                  help='also time torch.compile (inductor) of the model')
+  ap.add_argument(
+    '--torch_compile', action='store_true', help='also time torch.compile (inductor) of the model'
+  )
   ap.add_argument('--no_jax', action='store_true')
   ap.add_argument('--no_torch', action='store_true')
-  ap.add_argument('--set', action='append', default=[],
-                  help='extra JAX config override key=value (repeatable)')
+  ap.add_argument(
+    '--set', action='append', default=[], help='extra JAX config override key=value (repeatable)'
+  )
   ap.add_argument('--out', default='', help='append the table to this file')
   args = ap.parse_args(argv)
 
@@ -405,32 +488,48 @@ def main(argv=None):
     rows += bench_variant(args, variant, bs, meter, log)
   try:
     import jax  # pylint: disable=import-outside-toplevel
+
     jax_dev = f'{jax.default_backend()} x{jax.device_count()}'
   except ImportError:
     jax_dev = 'n/a'
   with open('/proc/meminfo') as f:
     mem = f.readline().split()[1]
   lines = [
-      '### CCViT pre-training step: mim_jax vs PyTorch (timm Beit)', '',
-      f'- command: `{shlex.join(["python"] + sys.argv)}`'
-      if argv is None else f'- command: `main({argv})`',
-      f'- date: {datetime.datetime.now().isoformat(timespec="seconds")}',
-      f'- machine: {os.cpu_count()} CPU cores ({_cpu_model()}), '
-      f'{int(mem) / 2**20:.0f} GiB RAM; JAX backend {jax_dev}; '
-      f'torch threads {args.torch_threads}',
-      f'- versions: {_versions()}',
-      f'- load: loadavg {load0} before, {_loadavg()} after; other processes '
-      f'used {meter.other_cores():.2f} cores on average while timing',
-      f'- timing: {args.rounds} alternating rounds x {args.steps} steps after '
-      f'{args.warmup} warm-up; median over rounds; total '
-      f'{time.perf_counter() - t_start:.0f}s',
-      '- GFLOP/img: analytic, 3x forward (backbone + 2 pixel blocks + heads '
-      'at masked∪replaced) + tokenizer distance matmul; compile s = first '
-      'call − median step; loss = last step\'s, a sanity check only (JAX '
-      'follows the config\'s warm-up from lr 0, torch a constant 1.5e-3)', '',
-      _fmt_row(['variant', 'framework', 'dtype', 'batch', 'img/s', 'step ms',
-                'GFLOP/img', 'GFLOP/s', 'compile s', 'loss']),
-      _fmt_row(['---'] * 10),
+    '### CCViT pre-training step: mim_jax vs PyTorch (timm Beit)',
+    '',
+    f'- command: `{shlex.join(["python"] + sys.argv)}`'
+    if argv is None
+    else f'- command: `main({argv})`',
+    f'- date: {datetime.datetime.now().isoformat(timespec="seconds")}',
+    f'- machine: {os.cpu_count()} CPU cores ({_cpu_model()}), '
+    f'{int(mem) / 2**20:.0f} GiB RAM; JAX backend {jax_dev}; '
+    f'torch threads {args.torch_threads}',
+    f'- versions: {_versions()}',
+    f'- load: loadavg {load0} before, {_loadavg()} after; other processes '
+    f'used {meter.other_cores():.2f} cores on average while timing',
+    f'- timing: {args.rounds} alternating rounds x {args.steps} steps after '
+    f'{args.warmup} warm-up; median over rounds; total '
+    f'{time.perf_counter() - t_start:.0f}s',
+    '- GFLOP/img: analytic, 3x forward (backbone + 2 pixel blocks + heads '
+    'at masked∪replaced) + tokenizer distance matmul; compile s = first '
+    'call − median step; loss = last step\'s, a sanity check only (JAX '
+    'follows the config\'s warm-up from lr 0, torch a constant 1.5e-3)',
+    '',
+    _fmt_row(
+      [
+        'variant',
+        'framework',
+        'dtype',
+        'batch',
+        'img/s',
+        'step ms',
+        'GFLOP/img',
+        'GFLOP/s',
+        'compile s',
+        'loss',
+      ]
+    ),
+    _fmt_row(['---'] * 10),
   ] + [_fmt_row(r) for r in rows]
   text = '\n'.join(lines) + '\n'
   print(text)

@@ -17,6 +17,7 @@ pre-training run, an evaluation's results.json) is reused when the command is ru
 
 Methods plug in by adding a row to METHODS (name, config, tokenizer, extra overrides).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,21 +34,32 @@ import bench_util  # noqa: E402
 
 # name -> (pre-training config, tokenizer description, extra --config overrides)
 METHODS = {
-    "ccvit": ("configs/ccvit_vitb.py:runlocal", "pixel centroids, K=256 (built from train)",
-              ["--config.tokenizer.images_per_class=100"]),
-    "beitv2": ("configs/beitv2_vitb.py:runlocal",
-               "pixel centroids, K=256 (stand-in for VQ-KD)",
-               ["--config.tokenizer.images_per_class=100"]),
-    "mapet": ("configs/mapet_vitb.py:runlocal",
-              "pixel centroids, K=256 (stand-in for k-CLIP)",
-              ["--config.tokenizer.images_per_class=100"]),
-    "caev2": ("configs/caev2_vitb.py:runlocal", "random CLIP ViT (stand-in for CLIP ViT-B/16)",
-              []),
-    "peco_mim": ("configs/peco_vitb.py:runlocal", "pixel centroids, K=256 (stand-in for PeCo)",
-                 ["--config.tokenizer.images_per_class=100"]),
-    "peco_mae": ("configs/peco_mae_vitb.py:runlocal",
-                 "pixel centroids, K=256 (stand-in for PeCo)",
-                 ["--config.tokenizer.images_per_class=100"]),
+  "ccvit": (
+    "configs/ccvit_vitb.py:runlocal",
+    "pixel centroids, K=256 (built from train)",
+    ["--config.tokenizer.images_per_class=100"],
+  ),
+  "beitv2": (
+    "configs/beitv2_vitb.py:runlocal",
+    "pixel centroids, K=256 (stand-in for VQ-KD)",
+    ["--config.tokenizer.images_per_class=100"],
+  ),
+  "mapet": (
+    "configs/mapet_vitb.py:runlocal",
+    "pixel centroids, K=256 (stand-in for k-CLIP)",
+    ["--config.tokenizer.images_per_class=100"],
+  ),
+  "caev2": ("configs/caev2_vitb.py:runlocal", "random CLIP ViT (stand-in for CLIP ViT-B/16)", []),
+  "peco_mim": (
+    "configs/peco_vitb.py:runlocal",
+    "pixel centroids, K=256 (stand-in for PeCo)",
+    ["--config.tokenizer.images_per_class=100"],
+  ),
+  "peco_mae": (
+    "configs/peco_mae_vitb.py:runlocal",
+    "pixel centroids, K=256 (stand-in for PeCo)",
+    ["--config.tokenizer.images_per_class=100"],
+  ),
 }
 BATCH = 32
 MODEL = ["--config.model.width=128", "--config.model.depth=4", "--config.model.heads=4"]
@@ -57,8 +69,7 @@ def _run(cmd: list[str], what: str) -> float:
   t0 = time.time()
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   if r.returncode:
-    raise RuntimeError(f"{what} failed (rc {r.returncode}):\n{' '.join(cmd)}\n"
-                       f"{r.stderr[-3000:]}")
+    raise RuntimeError(f"{what} failed (rc {r.returncode}):\n{' '.join(cmd)}\n{r.stderr[-3000:]}")
   return time.time() - t0
 
 
@@ -70,13 +81,24 @@ def pretrain(name: str, workdir: str, npz: str, steps: int, eval_at: list[int]) 
       return json.load(f)["seconds"]
   config, _, extra = METHODS[name]
   every = eval_at[0]
-  for s in eval_at:   # checkpoints exactly at the evaluation steps
+  for s in eval_at:  # checkpoints exactly at the evaluation steps
     while s % every:
       every -= 1
-  cmd = [sys.executable, "-m", "mim_jax.train", f"--config={config}", f"--workdir={workdir}",
-         f"--config.data.path={npz}", f"--config.total_steps={steps}",
-         f"--config.checkpoint_every={every}", f"--config.keep_checkpoints={steps // every + 1}",
-         "--config.vis_every=0", f"--config.batch_size={BATCH}", *MODEL, *extra]
+  cmd = [
+    sys.executable,
+    "-m",
+    "mim_jax.train",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    f"--config.data.path={npz}",
+    f"--config.total_steps={steps}",
+    f"--config.checkpoint_every={every}",
+    f"--config.keep_checkpoints={steps // every + 1}",
+    "--config.vis_every=0",
+    f"--config.batch_size={BATCH}",
+    *MODEL,
+    *extra,
+  ]
   seconds = _run(cmd, f"pre-training {name}")
   with open(done, "w") as f:
     json.dump({"seconds": seconds, "command": cmd}, f)
@@ -89,9 +111,16 @@ def evaluate(protocol: str, init: str, step: int, workdir: str, npz: str) -> dic
   if os.path.exists(results):
     with open(results) as f:
       return json.load(f)
-  cmd = [sys.executable, "-m", "mim_jax.evaluate", f"--config=configs/eval/{protocol}.py:runlocal",
-         f"--config.init={init}", f"--workdir={workdir}", f"--config.data.path={npz}",
-         *MODEL]
+  cmd = [
+    sys.executable,
+    "-m",
+    "mim_jax.evaluate",
+    f"--config=configs/eval/{protocol}.py:runlocal",
+    f"--config.init={init}",
+    f"--workdir={workdir}",
+    f"--config.data.path={npz}",
+    *MODEL,
+  ]
   if step:
     cmd.append(f"--config.init_step={step}")
   _run(cmd, f"{protocol} of {init}@{step}")
@@ -116,8 +145,10 @@ def _probe_top1(r: dict) -> float:
 
 def plot(rows: dict, baseline: float, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
   for name, points in rows.items():
     steps = [0] + [p["step"] for p in points]
@@ -135,14 +166,18 @@ def plot(rows: dict, baseline: float, path: str) -> None:
 
 def main() -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--npz", default=os.path.join(os.path.dirname(ROOT), "shared", "data",
-                                               "imagenette2_32.npz"))
+  p.add_argument(
+    "--npz", default=os.path.join(os.path.dirname(ROOT), "shared", "data", "imagenette2_32.npz")
+  )
   p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {sorted(METHODS)}")
   p.add_argument("--steps", type=int, default=400)
   p.add_argument("--eval_at", default="100,200,400", help="pre-training steps to evaluate")
-  p.add_argument("--finetune", action="store_true",
-                 help="also fine-tune the last checkpoint and the random init "
-                      "(configs/eval/finetune.py:runlocal, 5 epochs)")
+  p.add_argument(
+    "--finetune",
+    action="store_true",
+    help="also fine-tune the last checkpoint and the random init "
+    "(configs/eval/finetune.py:runlocal, 5 epochs)",
+  )
   p.add_argument("--out", required=True, help="markdown file; workdirs and the PNG go beside it")
   args = p.parse_args()
   if not os.path.exists(args.npz):
@@ -179,10 +214,10 @@ def main() -> int:
     for step in eval_at:
       print(f"  evaluating {name} @ {step} ...", flush=True)
       k = evaluate("knn", workdir, step, os.path.join(base, f"{name}_knn_{step}"), args.npz)
-      lin = evaluate("linear_probe", workdir, step, os.path.join(base, f"{name}_probe_{step}"),
-                     args.npz)
-      rows[name].append({"step": step, "knn": 100 * k["knn_top1"],
-                         "probe": 100 * _probe_top1(lin)})
+      lin = evaluate(
+        "linear_probe", workdir, step, os.path.join(base, f"{name}_probe_{step}"), args.npz
+      )
+      rows[name].append({"step": step, "knn": 100 * k["knn_top1"], "probe": 100 * _probe_top1(lin)})
     ft_dir = os.path.join(base, f"{name}_finetune")
     if args.finetune or _done(ft_dir):
       print(f"  fine-tuning {name} @ {eval_at[-1]} ...", flush=True)
@@ -192,22 +227,30 @@ def main() -> int:
   png = os.path.join(base, "compare_methods.png")
   plot(rows, baseline["probe"], png)
   import jax  # pylint: disable=g-import-not-at-top
+
   cmd = " ".join(["python benchmarks/compare_methods.py", *sys.argv[1:]])
-  lines = [f"### Method comparison ({datetime.date.today().isoformat()})", "",
-           f"Command: `{cmd}`  ",
-           f"Machine: {bench_util.machine()}; JAX {jax.__version__}, backend {jax.default_backend()}.  ",
-           "Data: ../shared/data/imagenette2_32.npz, 9,469 train / 3,925 test images, 10 "
-           "classes. Encoder: ViT width 128, depth 4, 4 heads, patch 4, 32 px; "
-           f"pre-training batch {BATCH}.", "",
-           "| method | tokenizer | budget (steps) | pre-training wall time | kNN top-1 | "
-           "linear probe top-1 | fine-tune top-1 (5 epochs) |", "|---|---|---|---|---|---|---|",
-           f"| random init | - | 0 | - | {baseline['knn']:.2f} % | {baseline['probe']:.2f} % | "
-           f"{_pct(baseline.get('finetune'))} |"]
+  lines = [
+    f"### Method comparison ({datetime.date.today().isoformat()})",
+    "",
+    f"Command: `{cmd}`  ",
+    f"Machine: {bench_util.machine()}; JAX {jax.__version__}, backend {jax.default_backend()}.  ",
+    "Data: ../shared/data/imagenette2_32.npz, 9,469 train / 3,925 test images, 10 "
+    "classes. Encoder: ViT width 128, depth 4, 4 heads, patch 4, 32 px; "
+    f"pre-training batch {BATCH}.",
+    "",
+    "| method | tokenizer | budget (steps) | pre-training wall time | kNN top-1 | "
+    "linear probe top-1 | fine-tune top-1 (5 epochs) |",
+    "|---|---|---|---|---|---|---|",
+    f"| random init | - | 0 | - | {baseline['knn']:.2f} % | {baseline['probe']:.2f} % | "
+    f"{_pct(baseline.get('finetune'))} |",
+  ]
   for name in names:
     for r in rows[name]:
-      lines.append(f"| {name} | {METHODS[name][1]} | {r['step']} | "
-                   f"{times[name] / 60:.1f} min for {args.steps} | {r['knn']:.2f} % | "
-                   f"{r['probe']:.2f} % | {_pct(r.get('finetune'))} |")
+      lines.append(
+        f"| {name} | {METHODS[name][1]} | {r['step']} | "
+        f"{times[name] / 60:.1f} min for {args.steps} | {r['knn']:.2f} % | "
+        f"{r['probe']:.2f} % | {_pct(r.get('finetune'))} |"
+      )
   lines += ["", f"Probe accuracy against pre-training steps: `{os.path.basename(png)}`.", ""]
   text = "\n".join(lines)
   with open(args.out, "w") as f:

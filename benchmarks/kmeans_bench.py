@@ -11,6 +11,7 @@ patches, with a note, when that folder is absent.
 Wall times exclude JAX compilation, which is reported separately; every
 method's final inertia is measured afterwards by one common float64 evaluator.
 """
+
 import argparse
 import datetime
 import glob
@@ -26,11 +27,13 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_util  # noqa: E402
+
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 
 def _patches(images_uint8: np.ndarray, patch_size: int) -> np.ndarray:
   from mim_jax.tokenizers import centroids
+
   size = (min(images_uint8.shape[1:3]) // patch_size) * patch_size
   images = images_uint8[:, :size, :size]
   return centroids.patchify(images, patch_size).reshape(-1, 3 * patch_size * patch_size)
@@ -38,13 +41,13 @@ def _patches(images_uint8: np.ndarray, patch_size: int) -> np.ndarray:
 
 def _load_224(path):
   from PIL import Image
+
   image = Image.open(path).convert("RGB")
   return image if image.size == (224, 224) else image.resize((224, 224), Image.BICUBIC)
 
 
 def load_points(data_dir: str, num_points: int, patch_size: int, seed: int):
   """(points float32 [0, 1], description) with exactly `num_points` rows."""
-  from PIL import Image
   parts, sources = [], []
   jpegs = sorted(glob.glob(os.path.join(data_dir, "imagenette2_224_sample", "*", "*", "*.JPEG")))
   if jpegs:
@@ -78,7 +81,7 @@ def final_inertia(points: np.ndarray, centroids: np.ndarray) -> tuple[float, int
   c_sq = (c * c).sum(1)
   total, used = 0.0, np.zeros(len(c), bool)
   for start in range(0, points.shape[0], 8192):
-    x = points[start:start + 8192].astype(np.float64)
+    x = points[start : start + 8192].astype(np.float64)
     d = (x * x).sum(1)[:, None] - 2.0 * x @ c.T + c_sq[None]
     used[d.argmin(1)] = True
     total += float(np.maximum(d.min(1), 0.0).sum())
@@ -88,15 +91,19 @@ def final_inertia(points: np.ndarray, centroids: np.ndarray) -> tuple[float, int
 def run_jax(points, init, iters, chunk_size, reseed_empty=False):
   import jax
   import jax.numpy as jnp
+
   from mim_jax.tokenizers import kmeans
+
   options = dict(init=init, chunk_size=chunk_size, reseed_empty=reseed_empty)
   # Compile time, measured ahead of time on the step `fit` will run.
   num_reseed = min(init.shape[0], len(points), kmeans.MAX_RESEED_PER_ITERATION)
   step = kmeans._build_step(None, None, chunk_size, False, False, num_reseed if reseed_empty else 0)
   start = time.perf_counter()
-  step.lower(jax.ShapeDtypeStruct(points.shape, jnp.float32),
-             jax.ShapeDtypeStruct(init.shape, jnp.float32),
-             jax.ShapeDtypeStruct((), jnp.int32)).compile()
+  step.lower(
+    jax.ShapeDtypeStruct(points.shape, jnp.float32),
+    jax.ShapeDtypeStruct(init.shape, jnp.float32),
+    jax.ShapeDtypeStruct((), jnp.int32),
+  ).compile()
   compile_seconds = time.perf_counter() - start
   kmeans.fit(points, init.shape[0], iters=0, **options)  # fills fit's own jit cache
   start = time.perf_counter()
@@ -107,8 +114,16 @@ def run_jax(points, init, iters, chunk_size, reseed_empty=False):
 
 def run_faiss(points, init, iters):
   import faiss
-  km = faiss.Kmeans(points.shape[1], init.shape[0], niter=iters, seed=1, verbose=False,
-                    max_points_per_centroid=10 ** 9, min_points_per_centroid=1)
+
+  km = faiss.Kmeans(
+    points.shape[1],
+    init.shape[0],
+    niter=iters,
+    seed=1,
+    verbose=False,
+    max_points_per_centroid=10**9,
+    min_points_per_centroid=1,
+  )
   start = time.perf_counter()
   km.train(points, init_centroids=init)
   return np.asarray(km.centroids), time.perf_counter() - start, None
@@ -116,6 +131,7 @@ def run_faiss(points, init, iters):
 
 def run_sklearn(points, init, iters):
   from sklearn.cluster import KMeans
+
   km = KMeans(init.shape[0], init=init, n_init=1, algorithm="lloyd", max_iter=iters, tol=0.0)
   start = time.perf_counter()
   km.fit(points)
@@ -141,12 +157,18 @@ def main(argv=None):
   parser.add_argument("--chunk_size", type=int, default=4096, help="JAX distance block rows")
   parser.add_argument("--seed", type=int, default=0, help="Seeds the point subset and the init.")
   parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
-  parser.add_argument("--methods", default="jax,faiss,sklearn",
-                      help="Comma list of jax, jax_reseed (empty clusters re-seeded), faiss, "
-                      "sklearn.")
-  parser.add_argument("--rounds", type=int, default=1,
-                      help="Run the methods this many times, interleaved; report each one's "
-                      "fastest (compile time from its first run).")
+  parser.add_argument(
+    "--methods",
+    default="jax,faiss,sklearn",
+    help="Comma list of jax, jax_reseed (empty clusters re-seeded), faiss, sklearn.",
+  )
+  parser.add_argument(
+    "--rounds",
+    type=int,
+    default=1,
+    help="Run the methods this many times, interleaved; report each one's "
+    "fastest (compile time from its first run).",
+  )
   parser.add_argument("--results", default=None, help="Append the table to this markdown file.")
   args = parser.parse_args(argv)
 
@@ -154,14 +176,18 @@ def main(argv=None):
   init = points[np.random.default_rng(args.seed + 1).choice(len(points), args.k, replace=False)]
   print(f"points: {points.shape} ({description}); k={args.k}, iters={args.iters}", flush=True)
 
-  runners = {"jax": lambda: run_jax(points, init, args.iters, args.chunk_size),
-             "jax_reseed": lambda: run_jax(points, init, args.iters, args.chunk_size, True),
-             "faiss": lambda: run_faiss(points, init, args.iters),
-             "sklearn": lambda: run_sklearn(points, init, args.iters)}
-  labels = {"jax": "mim_jax `kmeans.fit` (jit, chunked, segment_sum)",
-            "jax_reseed": "mim_jax `kmeans.fit(reseed_empty=True)`",
-            "faiss": "faiss-cpu `Kmeans` (init_centroids)",
-            "sklearn": "scikit-learn `KMeans(n_init=1, algorithm='lloyd')`"}
+  runners = {
+    "jax": lambda: run_jax(points, init, args.iters, args.chunk_size),
+    "jax_reseed": lambda: run_jax(points, init, args.iters, args.chunk_size, True),
+    "faiss": lambda: run_faiss(points, init, args.iters),
+    "sklearn": lambda: run_sklearn(points, init, args.iters),
+  }
+  labels = {
+    "jax": "mim_jax `kmeans.fit` (jit, chunked, segment_sum)",
+    "jax_reseed": "mim_jax `kmeans.fit(reseed_empty=True)`",
+    "faiss": "faiss-cpu `Kmeans` (init_centroids)",
+    "sklearn": "scikit-learn `KMeans(n_init=1, algorithm='lloyd')`",
+  }
   best_runs = {}
   for round_index in range(args.rounds):
     for name in args.methods.split(","):
@@ -182,24 +208,40 @@ def main(argv=None):
     print(f"{name}: {seconds:.2f}s, inertia {inertia:.8g}, {empty} empty clusters", flush=True)
 
   best = min(r[3] for r in rows)
-  table = ["| method | wall (s) | s / iteration | compile (s) | final inertia | vs best "
-           "| empty clusters |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+  table = [
+    "| method | wall (s) | s / iteration | compile (s) | final inertia | vs best "
+    "| empty clusters |",
+    "| --- | --- | --- | --- | --- | --- | --- |",
+  ]
   for name, seconds, compile_seconds, inertia, empty in rows:
-    table.append(f"| {labels[name]} | {seconds:.2f} | {seconds / args.iters:.2f} | "
-                 f"{'-' if compile_seconds is None else f'{compile_seconds:.2f}'} | "
-                 f"{inertia:.8g} | {100 * (inertia / best - 1):+.3f}% | {empty} |")
+    table.append(
+      f"| {labels[name]} | {seconds:.2f} | {seconds / args.iters:.2f} | "
+      f"{'-' if compile_seconds is None else f'{compile_seconds:.2f}'} | "
+      f"{inertia:.8g} | {100 * (inertia / best - 1):+.3f}% | {empty} |"
+    )
   table = "\n".join(table)
-  command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)]
-                                 + (sys.argv[1:] if argv is None else list(argv)))
-  report = "\n".join([
+  command = "python " + " ".join(
+    shlex.quote(a)
+    for a in [os.path.relpath(__file__, ROOT)] + (sys.argv[1:] if argv is None else list(argv))
+  )
+  report = "\n".join(
+    [
       f"### k-means: {args.num_points} x {points.shape[1]} points, K={args.k}, {args.iters} "
       f"iterations ({datetime.date.today().isoformat()})",
-      "", f"- command: `{command}`", f"- machine: {bench_util.machine()}", f"- versions: {_versions()}",
-      f"- points: {description}", f"- fastest of {args.rounds} interleaved round(s); "
+      "",
+      f"- command: `{command}`",
+      f"- machine: {bench_util.machine()}",
+      f"- versions: {_versions()}",
+      f"- points: {description}",
+      f"- fastest of {args.rounds} interleaved round(s); "
       "same points and same init for every method; wall time "
       "excludes JAX compilation; the JAX time includes one extra assignment pass (the final "
-      "inertia); final inertia re-measured for all in float64", "", table, ""])
+      "inertia); final inertia re-measured for all in float64",
+      "",
+      table,
+      "",
+    ]
+  )
   print("\n" + report)
   if args.results:
     with open(args.results, "a") as f:

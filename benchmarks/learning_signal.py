@@ -7,9 +7,11 @@ patches rescaled to the 8x8 grid, a 256-centroid codebook built from the trainin
 on ../shared/data/imagenette2_32.npz through the real trainer, for a wall-clock budget of at
 most ~10 minutes on 2 CPU cores. Then a linear probe (logistic regression on standardised,
 mean-pooled final-layer patch features) is fitted on the 9,469 training images and scored
-on the full 3,925-image test split, for the pre-trained and for a randomly initialised
-model of the same architecture (same init seed).
+on the full 3,925-image test split, for the pre-trained encoder (read from the workdir by
+`mim_jax.evaluation.backbones.load_workdir`, the evaluation's own loader) and for a randomly
+initialised encoder of the same architecture (seed config.seed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,13 +28,16 @@ from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mim_jax import config_lib, features, methods, train  # noqa: E402
+from mim_jax import config_lib  # noqa: E402
+from mim_jax import train  # noqa: E402
+from mim_jax.evaluation import backbones  # noqa: E402
+from mim_jax.evaluation import extract  # noqa: E402
+from mim_jax.models import vit  # noqa: E402
+
 import bench_util  # noqa: E402  (benchmarks/, first on sys.path)
-from mim_jax.methods import ccvit  # noqa: E402
 
 
 def _config(args):
@@ -51,10 +56,33 @@ def _config(args):
   return c
 
 
+def _features(params, vit_kw: dict, images_uint8: np.ndarray, batch_size: int = 256):
+  """Mean-pooled final-layer patch features (after the final norm) of uint8 NHWC images."""
+  run = jax.jit(extract.encoder_fn(vit_kw, "mean"))
+  feats = []
+  for i in range(0, len(images_uint8), batch_size):
+    chunk = images_uint8[i : i + batch_size]
+    pad = batch_size - len(chunk)
+    if pad:  # one compiled shape for every batch
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    feats.append(np.asarray(run(params, chunk))[: batch_size - pad])
+  return np.concatenate(feats)
+
+
+def _logistic_probe(train_x, train_y, test_x, test_y, *, max_iter: int = 2000) -> float:
+  """Top-1 of multinomial logistic regression on standardised features (scikit-learn)."""
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+  from sklearn.pipeline import make_pipeline  # pylint: disable=g-import-not-at-top
+  from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
+
+  clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+  clf.fit(train_x, train_y)
+  return float((clf.predict(test_x) == test_y).mean())
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--npz", default=os.path.join(ROOT, "..", "shared", "data",
-                                               "imagenette2_32.npz"))
+  p.add_argument("--npz", default=os.path.join(ROOT, "..", "shared", "data", "imagenette2_32.npz"))
   p.add_argument("--workdir", default="/tmp/mim_jax_learning_signal")
   p.add_argument("--steps", type=int, default=1500)
   p.add_argument("--batch_size", type=int, default=64)
@@ -75,25 +103,25 @@ def main():
 
   data = np.load(args.npz)
   xtr, ytr, xte, yte = data["x_train"], data["y_train"], data["x_test"], data["y_test"]
-  vit_kw = ccvit.backbone_kwargs(config.model)
-  trained, step = features.load_encoder_params(args.workdir)
-  method = methods.build(config, workdir=args.workdir, source=None)
-  dummy = {"image": np.zeros((1, 32, 32, 3), np.uint8)}
-  # The same seed the trainer used for its initialisation (train.Trainer.init_state).
-  init_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-  random = nn.unbox(method.init(init_rng, dummy))["params"]["backbone"]
+  trained, spec = backbones.load_workdir(args.workdir)
+  step = config.total_steps
+  vit_kw = spec.vit_kwargs()
+  random = vit.VisionTransformer(**vit_kw).init(
+    jax.random.PRNGKey(config.seed), np.zeros((1, 32, 32, 3), np.float32)
+  )["params"]
 
   rows = []
   for name, params in (("random init", random), (f"CCViT, {step} steps", trained)):
     t1 = time.time()
-    ftr = features.extract(params, vit_kw, xtr)
-    fte = features.extract(params, vit_kw, xte)
-    acc = features.linear_probe(ftr, ytr, fte, yte)
+    ftr = _features(params, vit_kw, xtr)
+    fte = _features(params, vit_kw, xte)
+    acc = _logistic_probe(ftr, ytr, fte, yte)
     rows.append((name, acc, time.time() - t1))
     print(f"{name}: linear probe top-1 {acc:.4f}")
   gain = 100 * (rows[1][1] - rows[0][1])
   cmd = "python " + " ".join(sys.argv)
-  table = [
+  table = (
+    [
       f"### CCViT learning signal ({datetime.date.today().isoformat()})",
       "",
       f"Command: `{cmd}`  ",
@@ -109,13 +137,16 @@ def main():
       "",
       "| backbone | linear probe top-1 (3,925 test images) |",
       "| --- | --- |",
-  ] + [f"| {n} | {100 * a:.2f} % |" for n, a, _ in rows] + [
+    ]
+    + [f"| {n} | {100 * a:.2f} % |" for n, a, _ in rows]
+    + [
       "",
       f"Gain from pre-training: **{gain:+.2f} points** (standard error of one probe ~0.8 "
       "points). Probe: scikit-learn LogisticRegression on standardised mean-pooled "
       "final-layer patch features.",
       "",
-  ]
+    ]
+  )
   text = "\n".join(table)
   print(text)
   if args.out:

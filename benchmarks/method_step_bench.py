@@ -17,6 +17,7 @@ Rounds alternate between methods; the table gives the median of `--rounds`. FLOP
 are XLA's cost analysis of the compiled step; "utilisation" divides achieved FLOP/s by the
 FLOP/s of a large fp32 matmul measured in the same process (this CPU's practical peak).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_util  # noqa: E402
-
 from absl import flags  # noqa: E402
+
+import bench_util  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
 
@@ -41,12 +42,12 @@ import jax.numpy as jnp  # noqa: E402
 from mim_jax import config_lib  # noqa: E402
 from mim_jax import train  # noqa: E402
 
-METHODS = {   # name -> (config, argument, field overrides)
-    "mim": ("mapet_vitb", "mode=mim", {}),
-    "beitv2": ("beitv2_vitb", "", {}),
-    "mapet": ("mapet_vitb", "mode=mapet", {}),
-    "mapet_permuted": ("mapet_vitb", "mode=mapet", {"layout": "permuted"}),
-    "pim": ("mapet_vitb", "mode=pim", {}),
+METHODS = {  # name -> (config, argument, field overrides)
+  "mim": ("mapet_vitb", "mode=mim", {}),
+  "beitv2": ("beitv2_vitb", "", {}),
+  "mapet": ("mapet_vitb", "mode=mapet", {}),
+  "mapet_permuted": ("mapet_vitb", "mode=mapet", {"layout": "permuted"}),
+  "pim": ("mapet_vitb", "mode=pim", {}),
 }
 
 
@@ -71,7 +72,7 @@ def matmul_peak(n=2048, reps=5) -> float:
   t0 = time.perf_counter()
   for _ in range(reps):
     f(a).block_until_ready()
-  return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+  return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
 def main() -> int:
@@ -89,43 +90,51 @@ def main() -> int:
   for name in names:
     cfg = _config(name, args.variant, args.batch_size, args.dtype)
     t0 = time.perf_counter()
-    step_fn, state, batch = train.build_step_for_benchmark(cfg)
-    compiled = step_fn.lower(state, batch).compile()
+    step_fn, state, frozen, batch = train.build_step_for_benchmark(cfg)
+    compiled = step_fn.lower(state, frozen, batch).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops[name] = float(cost.get("flops", float("nan")))
-    state, _ = compiled(state, batch)
+    state, _ = compiled(state, frozen, batch)
     jax.block_until_ready(state)
     compile_s[name] = time.perf_counter() - t0
-    steps[name] = (compiled, state, batch)
-    print(f"{name}: compiled in {compile_s[name]:.0f}s, {flops[name] / 1e9:.1f} GFLOP/step",
-          flush=True)
+    steps[name] = (compiled, state, frozen, batch)
+    print(
+      f"{name}: compiled in {compile_s[name]:.0f}s, {flops[name] / 1e9:.1f} GFLOP/step", flush=True
+    )
   times = {n: [] for n in names}
   for _ in range(args.rounds):
     for name in names:
-      fn, state, batch = steps[name]
+      fn, state, frozen, batch = steps[name]
       t0 = time.perf_counter()
       for _ in range(args.steps):
-        state, metrics = fn(state, batch)
+        state, metrics = fn(state, frozen, batch)
       jax.block_until_ready((state, metrics))
       times[name].append((time.perf_counter() - t0) / args.steps)
-      steps[name] = (fn, state, batch)
+      steps[name] = (fn, state, frozen, batch)
   peak = matmul_peak()
   base = statistics.median(times[names[0]])
   cmd = " ".join(["python benchmarks/method_step_bench.py", *sys.argv[1:]])
-  lines = [f"### Training step: token methods vs plain MIM ({datetime.date.today().isoformat()})",
-           "", f"Command: `{cmd}`  ",
-           f"Machine: {bench_util.machine()}; JAX {jax.__version__}, backend "
-           f"{jax.default_backend()}; fp32 matmul peak measured {peak / 1e9:.1f} GFLOP/s.  ",
-           f"ViT-{args.variant} at 224 px, batch {args.batch_size}, {args.dtype}; median of "
-           f"{args.rounds} rounds x {args.steps} steps.", "",
-           "| method | step time | images/s | vs first row | GFLOP/step (XLA) | achieved GFLOP/s "
-           "| utilisation of the matmul peak |", "|---|---|---|---|---|---|---|"]
+  lines = [
+    f"### Training step: token methods vs plain MIM ({datetime.date.today().isoformat()})",
+    "",
+    f"Command: `{cmd}`  ",
+    f"Machine: {bench_util.machine()}; JAX {jax.__version__}, backend "
+    f"{jax.default_backend()}; fp32 matmul peak measured {peak / 1e9:.1f} GFLOP/s.  ",
+    f"ViT-{args.variant} at 224 px, batch {args.batch_size}, {args.dtype}; median of "
+    f"{args.rounds} rounds x {args.steps} steps.",
+    "",
+    "| method | step time | images/s | vs first row | GFLOP/step (XLA) | achieved GFLOP/s "
+    "| utilisation of the matmul peak |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for name in names:
     t = statistics.median(times[name])
-    lines.append(f"| {name} | {t:.2f} s | {args.batch_size / t:.1f} | {base / t:.2f}x | "
-                 f"{flops[name] / 1e9:.0f} | {flops[name] / t / 1e9:.1f} | "
-                 f"{100 * flops[name] / t / peak:.0f} % |")
+    lines.append(
+      f"| {name} | {t:.2f} s | {args.batch_size / t:.1f} | {base / t:.2f}x | "
+      f"{flops[name] / 1e9:.0f} | {flops[name] / t / 1e9:.1f} | "
+      f"{100 * flops[name] / t / peak:.0f} % |"
+    )
   text = "\n".join(lines) + "\n"
   print(text)
   if args.out:

@@ -2,7 +2,8 @@
 
 Built on timm's `Beit` (BEiT v2 backbone: shared relative-position bias, no
 absolute position embedding, layer scale 0.1, q/v bias) plus the CCViT parts
-written here in torch (reference_details.md §1.1, §1.3, §4):
+written here in torch (`Cakeyan/CCViT_Public:modeling_pretrain.py`; see
+docs/reference_details.md#beit-v2-patch-aggregation and the CCViT sections there):
 
 - mask-token mixing of the masked patch embeddings, x*(1-w) + mask_token*w,
   before the cls token is prepended;
@@ -27,11 +28,11 @@ Usage:
   metrics = step()   # one full step: tokenize, forward, backward, clip, AdamW
 """
 
+from functools import partial
 import math
 import os
 import sys
 import time
-from functools import partial
 
 import numpy as np
 
@@ -40,10 +41,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # variant -> (embed_dim, depth, num_heads, early_layers)
 VARIANTS = {
-    'T': (192, 12, 3, 9),
-    'S': (384, 12, 6, 9),
-    'B': (768, 12, 12, 9),
-    'L': (1024, 24, 16, 21),
+  'T': (192, 12, 3, 9),
+  'S': (384, 12, 6, 9),
+  'B': (768, 12, 12, 9),
+  'L': (1024, 24, 16, 21),
 }
 
 
@@ -53,9 +54,11 @@ def _import_torch_timm():
   if root not in sys.path:
     sys.path.insert(0, root)
   from mim_jax.testing import torch_compat  # pylint: disable=import-outside-toplevel
+
   torch_compat.install()
-  import torch  # pylint: disable=import-outside-toplevel
   import timm.models.beit as tbeit  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+
   return torch, tbeit
 
 
@@ -91,22 +94,44 @@ def build_ccvit_model(variant='B', image_size=224, patch=16, k=8192):
       self.patch = patch
       self.early_layers = early
       self.beit = tbeit.Beit(
-          img_size=image_size, patch_size=patch, num_classes=0,
-          global_pool='', embed_dim=dim, depth=depth, num_heads=heads,
-          qkv_bias=True, mlp_ratio=4.0, drop_path_rate=0.0,
-          norm_layer=norm_layer, init_values=0.1, use_abs_pos_emb=False,
-          use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
+        img_size=image_size,
+        patch_size=patch,
+        num_classes=0,
+        global_pool='',
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        qkv_bias=True,
+        mlp_ratio=4.0,
+        drop_path_rate=0.0,
+        norm_layer=norm_layer,
+        init_values=0.1,
+        use_abs_pos_emb=False,
+        use_rel_pos_bias=False,
+        use_shared_rel_pos_bias=True,
+      )
       self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
       nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
       self.lm_head = nn.Linear(dim, k)
       nn.init.trunc_normal_(self.lm_head.weight, std=0.02, a=-0.02, b=0.02)
       nn.init.zeros_(self.lm_head.bias)
-      # Pixel block: PyTorch-default init for its Linear layers (§1.3), then
+      # Pixel block: PyTorch-default init for its Linear layers
+      # (docs/reference_details.md#beit-v2-patch-aggregation), then
       # the depth rescale with the block indices early, early + 1.
-      self.cls_pt_layers = nn.ModuleList([
-          tbeit.Block(dim=dim, num_heads=heads, qkv_bias=True, mlp_ratio=4.0,
-                      drop_path=0.0, init_values=0.1, norm_layer=norm_layer)
-          for _ in range(2)])
+      self.cls_pt_layers = nn.ModuleList(
+        [
+          tbeit.Block(
+            dim=dim,
+            num_heads=heads,
+            qkv_bias=True,
+            mlp_ratio=4.0,
+            drop_path=0.0,
+            init_values=0.1,
+            norm_layer=norm_layer,
+          )
+          for _ in range(2)
+        ]
+      )
       with torch.no_grad():
         for i, blk in enumerate(self.cls_pt_layers):
           scale = math.sqrt(2.0 * (early + i + 1))
@@ -114,8 +139,7 @@ def build_ccvit_model(variant='B', image_size=224, patch=16, k=8192):
           blk.mlp.fc2.weight.div_(scale)
       self.cls_pt_norm = norm_layer(dim)
       self.cls_pt_lm_head = nn.Linear(dim, patch * patch * 3)
-      nn.init.trunc_normal_(self.cls_pt_lm_head.weight, std=0.02,
-                            a=-0.02, b=0.02)
+      nn.init.trunc_normal_(self.cls_pt_lm_head.weight, std=0.02, a=-0.02, b=0.02)
       nn.init.zeros_(self.cls_pt_lm_head.bias)
 
     def forward(self, img, mask, pred_pos):
@@ -157,8 +181,10 @@ def _param_groups(model, weight_decay):
       no_decay.append(p)
     else:
       decay.append(p)
-  return [{'params': decay, 'weight_decay': weight_decay},
-          {'params': no_decay, 'weight_decay': 0.0}]
+  return [
+    {'params': decay, 'weight_decay': weight_decay},
+    {'params': no_decay, 'weight_decay': 0.0},
+  ]
 
 
 def random_centroids(images_uint8, k, patch, seed=0):
@@ -177,9 +203,20 @@ def random_centroids(images_uint8, k, patch, seed=0):
   return np.clip(cent, 0.0, 1.0).astype(np.float32)
 
 
-def make_torch_step(variant='B', batch_size=8, image_size=224, patch=16,
-                    k=8192, num_masked=75, num_replaced=20, inputs=None,
-                    seed=0, lr=1.5e-3, compile_model=False, threads=2):
+def make_torch_step(
+  variant='B',
+  batch_size=8,
+  image_size=224,
+  patch=16,
+  k=8192,
+  num_masked=75,
+  num_replaced=20,
+  inputs=None,
+  seed=0,
+  lr=1.5e-3,
+  compile_model=False,
+  threads=2,
+):
   """Builds the torch CCViT model, optimizer and a fixed batch.
 
   Args:
@@ -202,22 +239,22 @@ def make_torch_step(variant='B', batch_size=8, image_size=224, patch=16,
   if inputs is None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from ccvit_step_bench import make_inputs  # pylint: disable=import-outside-toplevel
-    inputs = make_inputs(batch_size, image_size, seed, patch=patch,
-                         num_masked=num_masked, num_replaced=num_replaced)
+
+    inputs = make_inputs(
+      batch_size, image_size, seed, patch=patch, num_masked=num_masked, num_replaced=num_replaced
+    )
   assert inputs['image'].shape[0] == batch_size, inputs['image'].shape
 
   model = build_ccvit_model(variant, image_size, patch, k)
   model.train()
-  opt = torch.optim.AdamW(_param_groups(model, 0.05), lr=lr,
-                          betas=(0.9, 0.98), eps=1e-8)
+  opt = torch.optim.AdamW(_param_groups(model, 0.05), lr=lr, betas=(0.9, 0.98), eps=1e-8)
   fwd = torch.compile(model) if compile_model else model
 
   image = torch.from_numpy(np.ascontiguousarray(inputs['image']))
   image2 = torch.from_numpy(np.ascontiguousarray(inputs['image2']))
   mask = torch.from_numpy(np.asarray(inputs['mask'], bool))
   replaced = torch.from_numpy(np.asarray(inputs['replaced'], bool))
-  centroids = torch.from_numpy(
-      random_centroids(inputs['image2'], k, patch, seed))
+  centroids = torch.from_numpy(random_centroids(inputs['image2'], k, patch, seed))
   cent_sqnorm = (centroids * centroids).sum(-1)
   mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
   std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -254,17 +291,22 @@ def make_torch_step(variant='B', batch_size=8, image_size=224, patch=16,
     loss.backward()
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
     opt.step()
-    return {'loss': loss.item(), 'ce': ce.item(), 'mse': mse.item(),
-            'grad_norm': gnorm.item()}
+    return {'loss': loss.item(), 'ce': ce.item(), 'mse': mse.item(), 'grad_norm': gnorm.item()}
 
   n_params = sum(p.numel() for p in model.parameters())
-  info = {'model': model, 'optimizer': opt, 'inputs': inputs,
-          'num_params': n_params, 'torch': torch}
+  info = {
+    'model': model,
+    'optimizer': opt,
+    'inputs': inputs,
+    'num_params': n_params,
+    'torch': torch,
+  }
   return step, info
 
 
 def main():
   import argparse  # pylint: disable=import-outside-toplevel
+
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--variant', default='T')
   ap.add_argument('--batch_size', type=int, default=8)
@@ -272,16 +314,16 @@ def main():
   ap.add_argument('--compile', action='store_true')
   args = ap.parse_args()
   t0 = time.perf_counter()
-  step, info = make_torch_step(args.variant, args.batch_size,
-                               compile_model=args.compile)
-  print(f'built in {time.perf_counter() - t0:.1f}s, '
-        f'{info["num_params"] / 1e6:.1f}M params')
+  step, info = make_torch_step(args.variant, args.batch_size, compile_model=args.compile)
+  print(f'built in {time.perf_counter() - t0:.1f}s, {info["num_params"] / 1e6:.1f}M params')
   for i in range(args.steps):
     t0 = time.perf_counter()
     m = step()
     dt = time.perf_counter() - t0
-    print(f'step {i}: {dt * 1e3:.0f} ms ({args.batch_size / dt:.2f} img/s) '
-          + ' '.join(f'{k}={v:.4f}' for k, v in m.items()))
+    print(
+      f'step {i}: {dt * 1e3:.0f} ms ({args.batch_size / dt:.2f} img/s) '
+      + ' '.join(f'{k}={v:.4f}' for k, v in m.items())
+    )
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 r"""BEiT v2 ViT-B/16 pre-training on ImageNet-1k with VQ-KD targets (BEiT v2 Table 9).
 
-Recipe (reference §1, PRETRAINING.md; paper Table 9):
+Recipe (`microsoft/unilm:beit2/PRETRAINING.md`, docs/reference_details.md#beit-v2-backbone and
+#beit-v2-patch-aggregation; paper Table 9):
   * ViT-B/16, shared relative position bias, no absolute positions, layer scale 0.1,
     mask-token mixing; block mask of 75 / 196 patches (min block 16, aspect 0.3-3.33, the v2
     random top-up to exactly 75);
@@ -35,14 +36,16 @@ Smoke run on 2 CPU cores (../shared/data 32 px, patch 4, 24 of 64 patches masked
 centroid pixel tokenizer built from the training images standing in for VQ-KD):
   python -m mim_jax.train --config=configs/beitv2_vitb.py:runlocal --workdir=/tmp/beitv2_smoke
 """
+
 from mim_jax import config_lib
 
 
 def get_config(arg: str = ""):
   a = config_lib.parse_arg(arg, runlocal=False, epochs=300, variant="B/16")
   if a.epochs not in (300, 1600):
-    raise ValueError(f"config argument epochs must be 300 or 1600 (BEiT v2 Table 9), "
-                     f"got {a.epochs}")
+    raise ValueError(
+      f"config argument epochs must be 300 or 1600 (BEiT v2 Table 9), got {a.epochs}"
+    )
   if a.variant not in ("B/16", "L/16"):
     raise ValueError(f"config argument variant must be B/16 or L/16, got {a.variant!r}")
   large = a.variant == "L/16"
@@ -56,15 +59,15 @@ def get_config(arg: str = ""):
   c.method.num_masked = 75
   c.method.min_block = 16
   c.method.min_aspect = 0.3
-  c.method.early_layers = 21 if large else 9   # the aggregation head's input layer
+  c.method.early_layers = 21 if large else 9  # the aggregation head's input layer
   c.method.head_layers = 2
   c.method.shared_lm_head = True
 
   c.tokenizer = config_lib.mlc.ConfigDict()
   c.tokenizer.kind = "vqkd"
-  c.tokenizer.path = ""            # official .pth or a configs/vqkd_vitb.py workdir
-  c.tokenizer.cache = ""           # or a token cache (python -m mim_jax.tokenize)
-  c.tokenizer.build_if_missing = False   # centroids only (smoke runs)
+  c.tokenizer.path = ""  # official .pth or a configs/vqkd_vitb.py workdir
+  c.tokenizer.cache = ""  # or a token cache (python -m mim_jax.tokenize)
+  c.tokenizer.build_if_missing = False  # centroids only (smoke runs)
   c.tokenizer.k = 8192
   c.tokenizer.images_per_class = 50
   c.tokenizer.iters = 20

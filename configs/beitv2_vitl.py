@@ -12,12 +12,14 @@ Expected result (BEiT v2 Table 1): ImageNet-1k fine-tuning top-1 86.6 % (300 epo
 87.3 % (1600 epochs, `:epochs=1600`), with configs/eval/beitv2_finetune.py:variant=L/16.
 Smoke run: python -m mim_jax.train --config=configs/beitv2_vitl.py:runlocal --workdir=/tmp/l
 """
+
 import os
 
 from mim_jax import config_lib
 
 beitv2_vitb = config_lib.load_module(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "beitv2_vitb.py"))
+  os.path.join(os.path.dirname(os.path.abspath(__file__)), "beitv2_vitb.py")
+)
 
 
 def get_config(arg: str = ""):

@@ -1,5 +1,8 @@
 r"""CAE v2 ViT-B/16 pre-training on ImageNet-1k, aligned to CLIP ViT-B/16 latents (CAE v2
-Table 8; reference §5, `project/CAEv2/scripts/caev2_base_300e.sh`).
+Table 8; `Atten4Vis/CAE:project/CAEv2/scripts/caev2_base_300e.sh`).
+
+docs/reference_details.md#cae-v2-encoder and the CAE v2 sections after it list what the
+official code does beyond the paper.
 
 Recipe:
   * encoder on the visible patches only (fixed 2-D sin-cos positions, q/v bias, layer scale
@@ -30,28 +33,28 @@ Smoke run on 2 CPU cores (../shared/data 32 px, patch 4, 32 of 64 patches masked
 random CLIP ViT with patch 4 standing in for the teacher):
   python -m mim_jax.train --config=configs/caev2_vitb.py:runlocal --workdir=/tmp/caev2_smoke
 """
+
 from mim_jax import config_lib
 
 # variant -> (mask count, regressor depth, regressor width (0: encoder width), regressor
 #             heads, drop path, encoder heads (0: the variant's))
 SIZES = {
-    "T/16": (30, 1, 96, 12, 0.1, 12),
-    "S/16": (49, 1, 0, 12, 0.1, 12),
-    "B/16": (98, 4, 0, 12, 0.1, 0),
-    "L/16": (118, 4, 0, 16, 0.2, 0),
+  "T/16": (30, 1, 96, 12, 0.1, 12),
+  "S/16": (49, 1, 0, 12, 0.1, 12),
+  "B/16": (98, 4, 0, 12, 0.1, 0),
+  "L/16": (118, 4, 0, 16, 0.2, 0),
 }
 
 
 def get_config(arg: str = ""):
   a = config_lib.parse_arg(arg, runlocal=False, variant="B/16", epochs=300)
   if a.variant not in SIZES:
-    raise ValueError(f"config argument variant must be one of {sorted(SIZES)}, "
-                     f"got {a.variant!r}")
+    raise ValueError(f"config argument variant must be one of {sorted(SIZES)}, got {a.variant!r}")
   num_masked, depth, width, heads, drop_path, enc_heads = SIZES[a.variant]
   c = config_lib.base_config()
   c.model.variant = a.variant
   c.model.heads = enc_heads
-  c.model.abs_pos = "sincos"      # fixed 2-D sin-cos (recorded for evaluation's loader)
+  c.model.abs_pos = "sincos"  # fixed 2-D sin-cos (recorded for evaluation's loader)
   c.model.layer_scale_init = 0.1
   c.model.drop_path_rate = drop_path
 
@@ -61,19 +64,18 @@ def get_config(arg: str = ""):
   c.method.min_block = 16
   c.method.min_aspect = 0.3
   c.method.regressor_depth = depth
-  c.method.regressor_dim = width or {"T/16": 192, "S/16": 384, "B/16": 768,
-                                     "L/16": 1024}[a.variant]
+  c.method.regressor_dim = width or {"T/16": 192, "S/16": 384, "B/16": 768, "L/16": 1024}[a.variant]
   c.method.regressor_heads = heads
   c.method.regressor_drop_path = 0.1
 
   c.teacher = config_lib.mlc.ConfigDict()
   c.teacher.kind = "clip"
-  c.teacher.path = ""             # converted .npz (python -m mim_jax.teachers.clip) or .pt
-  c.teacher.random_init = ""      # 'random:ViT-B/16,...': untrained stand-in, smoke runs
+  c.teacher.path = ""  # converted .npz (python -m mim_jax.teachers.clip) or .pt
+  c.teacher.random_init = ""  # 'random:ViT-B/16,...': untrained stand-in, smoke runs
 
   large = a.variant == "L/16"
   c.data.image_size = 224
-  c.data.second_image_size = 196 if large else 224   # CLIP ViT-L/14 at 196 px for ViT-L
+  c.data.second_image_size = 196 if large else 224  # CLIP ViT-L/14 at 196 px for ViT-L
   c.data.crop_scale = (0.4, 1.0)
   c.data.color_jitter = 0.4
   c.batch_size = 2048
@@ -105,5 +107,4 @@ def apply_runlocal(c):
   c.method.regressor_heads = 4
   c.data.second_image_size = size
   c.teacher.path = ""
-  c.teacher.random_init = (f"random:ViT-B/16,width=64,layers=2,patch_size={patch},"
-                           f"image_size={size}")
+  c.teacher.random_init = f"random:ViT-B/16,width=64,layers=2,patch_size={patch},image_size={size}"

@@ -11,12 +11,14 @@ Expected result (CAE v2, 300 epochs, ImageNet-1k): 77.8 % fine-tune / 69.3 % lin
 (configs/eval/caev2_finetune.py:variant=T/16, configs/eval/caev2_linear_probe.py:variant=T/16).
 Smoke run: python -m mim_jax.train --config=configs/caev2_vitt.py:runlocal --workdir=/tmp/c
 """
+
 import os
 
 from mim_jax import config_lib
 
 caev2_vitb = config_lib.load_module(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "caev2_vitb.py"))
+  os.path.join(os.path.dirname(os.path.abspath(__file__)), "caev2_vitb.py")
+)
 
 
 def get_config(arg: str = ""):

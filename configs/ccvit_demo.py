@@ -9,12 +9,14 @@ runs/demo/visualization.png (rows: input, masked (grey) + replaced (centroids) i
 centroids of the predicted tokens, the tokenizer's own reconstruction).
 Expected: loss_token falls from ~5.5 (ln 256) towards ~3 and token_acc rises above 0.1.
 """
+
 import os
 
 from mim_jax import config_lib
 
 ccvit_vitb = config_lib.load_module(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "ccvit_vitb.py"))
+  os.path.join(os.path.dirname(os.path.abspath(__file__)), "ccvit_vitb.py")
+)
 
 
 def get_config(arg: str = ""):

@@ -15,7 +15,8 @@ Smoke run on 2 CPU cores (small real images; ../shared/data when present, else t
 embedded in installed packages; the 256-centroid codebook is built on the fly):
   python -m mim_jax.train --config=configs/ccvit_vitb.py:runlocal --workdir=/tmp/ccvit_smoke
 
-Values and where they come from (reference §4 and the paper's Table 5):
+Values and where they come from (the official `Cakeyan/CCViT_Public:README.md` commands and
+`run_ccvit_pretraining.py`, docs/reference_details.md#ccvit-recipe; the paper's Table 5):
   * block mask 75/196 (min 16 per block, aspect 0.3-3.33) + 20 replaced patches;
   * 12-layer token block + 2-layer pixel block fed from layer 9; shared relative position
     bias, no absolute positions, layer scale 0.1, drop path 0;
@@ -23,8 +24,10 @@ Values and where they come from (reference §4 and the paper's Table 5):
     epochs from 0, per-step cosine to 1e-5, batch 2048 (the official run: 128/GPU x update_freq
     2 x 8 GPUs; we use one 2048 batch, which is the same optimisation).
   * crops: shared two-view RandomResizedCrop scale (0.2, 1), bicubic, hflip, and NO colour
-    jitter in CCViT's replacing pipeline (§4.2; the paper's table says only "RandomResizedAndCrop").
+    jitter in CCViT's replacing pipeline (`Cakeyan/CCViT_Public:datasets.py`; the paper's
+    table says only "RandomResizedAndCrop").
 """
+
 from mim_jax import config_lib
 
 
@@ -33,7 +36,7 @@ def get_config(arg: str = ""):
   c = config_lib.base_config()
   large = a.variant.startswith("L")
   c.model.variant = a.variant
-  c.model.layer_scale_init = 1e-5 if large else 0.1   # official large script: 1e-5
+  c.model.layer_scale_init = 1e-5 if large else 0.1  # official large script: 1e-5
   c.model.drop_path_rate = 0.0
 
   c.method = config_lib.mlc.ConfigDict()
@@ -42,21 +45,22 @@ def get_config(arg: str = ""):
   c.method.num_replaced = 20
   c.method.min_block = 16
   c.method.min_aspect = 0.3
-  c.method.early_layers = 21 if large else 9   # the pixel block's input layer
+  c.method.early_layers = 21 if large else 9  # the pixel block's input layer
   c.method.head_layers = 2
   c.method.token_loss_weight = 1.0
   c.method.pixel_loss_weight = 1.0
 
   c.tokenizer = config_lib.mlc.ConfigDict()
   c.tokenizer.kind = "centroids"
-  c.tokenizer.path = ""            # prefix of <path>.npy / <path>.json (build_centroids)
+  c.tokenizer.path = ""  # prefix of <path>.npy / <path>.json (build_centroids)
   c.tokenizer.k = 8192
   c.tokenizer.build_if_missing = False
   c.tokenizer.images_per_class = 50
   c.tokenizer.iters = 20
   c.tokenizer.seed = 1
 
-  c.data.color_jitter = 0.0        # CCViT's replacing pipeline has no colour jitter (§4.2)
+  # CCViT's replacing pipeline has no colour jitter (Cakeyan/CCViT_Public:datasets.py).
+  c.data.color_jitter = 0.0
   c.batch_size = 2048
   c.total_steps = config_lib.steps_for_epochs(a.epochs, c.batch_size)
   c.optim.warmup_steps = config_lib.steps_for_epochs(10, c.batch_size)

@@ -1,4 +1,7 @@
-r"""CCViT ViT-L/16 pre-training on ImageNet-1k, 300 epochs (CCViT Table 2; reference §4.4).
+r"""CCViT ViT-L/16 pre-training on ImageNet-1k, 300 epochs (CCViT Table 2).
+
+The large recipe is `Cakeyan/CCViT_Public:bash/large_pt_im1k.bash`
+(docs/reference_details.md#ccvit-recipe).
 
 Command:
   python -m mim_jax.train --config=configs/ccvit_vitl.py \
@@ -12,12 +15,14 @@ layer 21 of 24; batch 2048 (32/GPU x update_freq 16 in the official run). FSDP i
 (config.mesh.fsdp) for the 300M-parameter model plus AdamW state.
 Smoke run: python -m mim_jax.train --config=configs/ccvit_vitl.py:runlocal --workdir=/tmp/l
 """
+
 import os
 
 from mim_jax import config_lib
 
 ccvit_vitb = config_lib.load_module(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "ccvit_vitb.py"))
+  os.path.join(os.path.dirname(os.path.abspath(__file__)), "ccvit_vitb.py")
+)
 
 
 def get_config(arg: str = ""):

@@ -1,4 +1,4 @@
-r"""MaPeT's k-CLIP tokenizer: CLIP RN50x64 layer-4 features, L2 k-means, K = 8192 (§3.3).
+r"""MaPeT's k-CLIP tokenizer: CLIP RN50x64 layer-4 features, L2 k-means, K = 8192.
 
 Commands (a GPU/TPU host; the OpenAI checkpoint is converted once, torch needed only then):
   python -m mim_jax.teachers.clip --checkpoint=$DATA/clip/RN50x64.pt --out=$DATA/clip/rn50x64.npz
@@ -9,10 +9,11 @@ Commands (a GPU/TPU host; the OpenAI checkpoint is converted once, torch needed 
       --config.tokenizer.path=$DATA/kclip_rn50x64 --config.data.source=imagefolder \
       --config.data.path=$DATA/imagenet --config.cache.path=$DATA/tokens/kclip_train
 
-Values (reference §3.3, MaPeT data/kmeans/*): 448-px Resize -> CenterCrop, CLIP mean/std;
-features 14 x 14 x 4096 (post-ReLU layer 4, before attention pooling), row-major; plain L2
-k-means with K = 8192, 20 iterations, 5 restarts (faiss nredo; best inertia kept), on
-8192 x 512 = 4.19M patches sampled evenly over ImageNet-train (faiss' max_points_per_centroid).
+Values (`aimagelab/MaPeT:data/kmeans/`; docs/reference_details.md#k-clip-tokens): 448-px
+Resize -> CenterCrop, CLIP mean/std; features 14 x 14 x 4096 (post-ReLU layer 4, before
+attention pooling), row-major; plain L2 k-means with K = 8192, 20 iterations, 5 restarts
+(faiss nredo; best inertia kept), on 8192 x 512 = 4.19M patches sampled evenly over
+ImageNet-train (faiss' max_points_per_centroid).
 Memory: 4.19M x 4096 float32 is 69 GB of host memory plus the same on devices (sharded);
 lower `sample_patches` on smaller hosts (faiss would subsample to the same bound).
 
@@ -24,20 +25,21 @@ Smoke run (2 CPU cores, a small random-weight ModifiedResNet, ~1 min):
   python -m mim_jax.tokenizers.kclip --config=configs/kclip_rn50x64.py:runlocal \
       --config.out=/tmp/kclip
 """
+
 from mim_jax import config_lib
 
 
 def get_config(arg: str = ""):
   a = config_lib.parse_arg(arg, runlocal=False)
   c = config_lib.mlc.ConfigDict()
-  c.clip = ""                 # OpenAI .pt, converted .npz, or random:<arch>[,width=..,layers=..]
+  c.clip = ""  # OpenAI .pt, converted .npz, or random:<arch>[,width=..,layers=..]
   c.out = ""
-  c.image_size = 448          # 0: the CLIP model's own resolution
+  c.image_size = 448  # 0: the CLIP model's own resolution
   c.k = 8192
   c.iters = 20
   c.redo = 5
   c.sample_patches = 8192 * 512
-  c.max_images = 0            # 0: the whole split
+  c.max_images = 0  # 0: the whole split
   c.batch_size = 64
   c.seed = 1234
 

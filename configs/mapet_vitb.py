@@ -1,10 +1,12 @@
 r"""MaPeT ViT-B/16 pre-training on ImageNet-1k with k-CLIP tokens (MaPeT Tables 1, 2, 6, 8).
 
-Recipe (reference §3; config/standard-config-pre-train-imagenet.yaml):
+Recipe (aimagelab/MaPeT: models/mapet/mapet.py, utils/models.py, engine.py and
+config/standard-config-pre-train-imagenet.yaml):
   * two-stream ViT-B/16 (timm layout: q/kv Linear with biases, learned absolute positions,
-    layer scale 0.1, drop path 0); per-sample permutation with the cls token first, the first
-    50 places as context (`:least=N` is Table 6's cutting-point ablation), position-aware mask
-    tokens, final LN + Linear(768, 8192) on the query stream, CE over the 147 predicted tokens;
+    layer scale 0.1, drop path 0.1 with one draw shared by both streams); per-sample
+    permutation with the cls token first, the first 50 places as context (`:least=N` is
+    Table 6's cutting-point ablation), position-aware mask tokens, final LN + Linear(768,
+    8192) on the query stream, CE over the 147 predicted tokens;
   * `:mode=pim` / `:mode=mim` are Table 1's PIM (no mask tokens in the content stream) and
     MIM (random masking of 75 patches, mask-token mixing) baselines;
   * targets: k-CLIP tokens (RN50x64 layer 4, K = 8192) from a token cache, or VQ-KD tokens
@@ -13,8 +15,8 @@ Recipe (reference §3; config/standard-config-pre-train-imagenet.yaml):
   * batch 2048, AdamW lr 1.5e-3, betas (0.9, 0.999), wd 0.05 (cls_token / pos_embed excluded,
     the mask token decayed), 300 epochs, 10 warm-up, cosine to 1e-5, clipping 3.0.
 Layout: the streams run in permutation order with one static mask (`method.layout`,
-'permuted', 1.22x faster on CPU than the reference's token order with per-sample masks, the
-same loss; `--config.method.layout=token` for the reference layout).
+'permuted', 1.22x faster on CPU than the official code's token order with per-sample masks,
+the same loss; `--config.method.layout=token` for the official layout).
 Differences from the official code: the lr follows a per-step cosine (timm's scheduler there
 steps per epoch and adds 10 cool-down epochs at min_lr: 310 epochs in all); the warm-up starts
 at 0 instead of 1e-6.
@@ -36,14 +38,16 @@ Smoke run on 2 CPU cores (../shared/data 32 px, patch 4: 65 tokens, the first 16
 a 256-centroid pixel tokenizer run online standing in for k-CLIP):
   python -m mim_jax.train --config=configs/mapet_vitb.py:runlocal --workdir=/tmp/mapet_smoke
 """
+
 from mim_jax import config_lib
 
 MODES = ("mapet", "pim", "mim")
 
 
 def get_config(arg: str = ""):
-  a = config_lib.parse_arg(arg, runlocal=False, variant="B/16", mode="mapet", least=50,
-                           tokenizer="kclip", epochs=300)
+  a = config_lib.parse_arg(
+    arg, runlocal=False, variant="B/16", mode="mapet", least=50, tokenizer="kclip", epochs=300
+  )
   if a.mode not in MODES:
     raise ValueError(f"config argument mode must be one of {MODES}, got {a.mode!r}")
   if a.tokenizer not in ("kclip", "vqkd"):
@@ -51,29 +55,33 @@ def get_config(arg: str = ""):
   c = config_lib.base_config()
   c.model.variant = a.variant
   c.model.layer_scale_init = 0.1
-  c.model.drop_path_rate = 0.0
+  # drop_path: 0.1 in aimagelab/MaPeT:config/standard-config-pre-train-imagenet.yaml (line 37;
+  # the yaml keys become the argparse defaults there, so it applies).
+  c.model.drop_path_rate = 0.1
 
   c.method = config_lib.mlc.ConfigDict()
   c.method.name = "mapet"
   c.method.mode = a.mode
-  c.method.least_number = a.least   # the cutting point: context = the first `least` places
-  c.method.num_masked = 75          # mode='mim' only (random masking, 40 %)
+  c.method.least_number = a.least  # the cutting point: context = the first `least` places
+  c.method.num_masked = 75  # mode='mim' only (random masking, 40 %)
   # 'permuted': streams in permutation order, one static prefix/causal mask; 1.22x faster
-  # than 'token' (the reference's per-sample masks) for ViT-B/16 on CPU (BENCHMARKS.md §6),
+  # than 'token' (the official per-sample masks) for ViT-B/16 on CPU (BENCHMARKS.md §6),
   # the same loss (tests/test_mapet.py).
   c.method.layout = "permuted"
 
   c.tokenizer = config_lib.mlc.ConfigDict()
   c.tokenizer.kind = a.tokenizer
-  c.tokenizer.cache = ""            # python -m mim_jax.tokenize (the paper's setting)
-  c.tokenizer.path = ""             # or online tokenization
+  c.tokenizer.cache = ""  # python -m mim_jax.tokenize (the paper's setting)
+  c.tokenizer.path = ""  # or online tokenization
   c.tokenizer.build_if_missing = False
   c.tokenizer.k = 8192
   c.tokenizer.images_per_class = 50
   c.tokenizer.iters = 20
   c.tokenizer.seed = 1
 
-  # The student view must be the region the tokens were computed on (§3.3).
+  # The student view must be the region the tokens were computed on: the official yaml's
+  # RandomResizedCrop scale = ratio = (1, 1) is the centre square the k-CLIP tokens of
+  # aimagelab/MaPeT:data/kmeans/ were computed on (Resize + CenterCrop).
   c.data.crop_scale = (1.0, 1.0)
   c.data.crop_ratio = (1.0, 1.0)
   c.data.hflip = False

@@ -12,12 +12,14 @@ Expected result (MaPeT Table 2, 300 epochs): ViT-S k-CLIP 82.1 % fine-tune / 71.
 probe; VQ-KD 82.2 % / 69.8 % (configs/eval/mapet_finetune.py:variant=S/16).
 Smoke run: python -m mim_jax.train --config=configs/mapet_vits.py:runlocal --workdir=/tmp/m
 """
+
 import os
 
 from mim_jax import config_lib
 
 mapet_vitb = config_lib.load_module(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "mapet_vitb.py"))
+  os.path.join(os.path.dirname(os.path.abspath(__file__)), "mapet_vitb.py")
+)
 
 
 def get_config(arg: str = ""):

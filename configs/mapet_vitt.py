@@ -12,12 +12,14 @@ Expected result (MaPeT Table 2, 300 epochs): ViT-T k-CLIP 75.5 % fine-tune / 62.
 probe; VQ-KD 74.5 % / 59.6 % (configs/eval/mapet_finetune.py:variant=T/16).
 Smoke run: python -m mim_jax.train --config=configs/mapet_vitt.py:runlocal --workdir=/tmp/m
 """
+
 import os
 
 from mim_jax import config_lib
 
 mapet_vitb = config_lib.load_module(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "mapet_vitb.py"))
+  os.path.join(os.path.dirname(os.path.abspath(__file__)), "mapet_vitb.py")
+)
 
 
 def get_config(arg: str = ""):

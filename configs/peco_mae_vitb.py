@@ -19,6 +19,7 @@ pixels: 83.4 %), with configs/eval/finetune.py.
 Smoke run (2 CPU cores, 32 px, patch 4, a 256-centroid pixel tokenizer standing in):
   python -m mim_jax.train --config=configs/peco_mae_vitb.py:runlocal --workdir=/tmp/peco_mae
 """
+
 from mim_jax import config_lib
 
 
@@ -31,14 +32,14 @@ def get_config(arg: str = ""):
 
   c.method = config_lib.mlc.ConfigDict()
   c.method.name = "peco_mae"
-  c.method.num_masked = 147          # 75 % of 196
+  c.method.num_masked = 147  # 75 % of 196
   c.method.decoder_dim = 512
   c.method.decoder_depth = 8
   c.method.decoder_heads = 16
 
   c.tokenizer = config_lib.mlc.ConfigDict()
   c.tokenizer.kind = "peco"
-  c.tokenizer.path = ""             # a configs/peco_vqvae.py workdir
+  c.tokenizer.path = ""  # a configs/peco_vqvae.py workdir
   c.tokenizer.cache = ""
   c.tokenizer.build_if_missing = False
   c.tokenizer.k = 8192

@@ -20,18 +20,21 @@ Commands:
 Expected result (PeCo Tables 1-2): ImageNet-1k fine-tuning top-1 84.1 % (300 epochs) /
 84.5 % (800 epochs) with ViT-B/16, fine-tuned as the paper says (100 epochs, 20 warm-up to a
 peak lr of 4e-3, cosine to 0, layer decay 0.65):
-  python -m mim_jax.evaluate --config=configs/eval/finetune.py --config.init=$WORKDIR/peco_vitb_800ep \
+  python -m mim_jax.evaluate --config=configs/eval/finetune.py \
+      --config.init=$WORKDIR/peco_vitb_800ep \
       --config.optim.lr=4e-3 --config.optim.min_lr=0 --workdir=$WORKDIR/peco_vitb_ft
 
 Smoke run (2 CPU cores, 32 px, patch 4, a 256-centroid pixel tokenizer standing in):
   python -m mim_jax.train --config=configs/peco_vitb.py:runlocal --workdir=/tmp/peco_mim_smoke
 """
+
 import os
 
 from mim_jax import config_lib
 
 beitv2_vitb = config_lib.load_module(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "beitv2_vitb.py"))
+  os.path.join(os.path.dirname(os.path.abspath(__file__)), "beitv2_vitb.py")
+)
 
 
 def get_config(arg: str = ""):
@@ -40,11 +43,11 @@ def get_config(arg: str = ""):
     raise ValueError(f"config argument epochs must be 300 or 800 (PeCo), got {a.epochs}")
   c = beitv2_vitb.get_config(f"variant={a.variant}")
   c.method.name = "peco_mim"
-  c.method.head_layers = 0          # BEiT-style: no patch aggregation
+  c.method.head_layers = 0  # BEiT-style: no patch aggregation
   c.method.early_layers = 0
   c.model.drop_path_rate = 0.1
   c.tokenizer.kind = "peco"
-  c.tokenizer.path = ""             # a configs/peco_vqvae.py workdir
+  c.tokenizer.path = ""  # a configs/peco_vqvae.py workdir
   c.data.crop_scale = (0.08, 1.0)
   c.total_steps = config_lib.steps_for_epochs(a.epochs, c.batch_size)
   c.optim.b1, c.optim.b2 = 0.9, 0.999

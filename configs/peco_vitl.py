@@ -12,12 +12,14 @@ Expected result (PeCo Table 1): 86.5 % ImageNet-1k top-1 after fine-tuning
 (configs/eval/finetune.py:variant=L/16).
 Smoke run: python -m mim_jax.train --config=configs/peco_vitl.py:runlocal --workdir=/tmp/l
 """
+
 import os
 
 from mim_jax import config_lib
 
 peco_vitb = config_lib.load_module(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "peco_vitb.py"))
+  os.path.join(os.path.dirname(os.path.abspath(__file__)), "peco_vitb.py")
+)
 
 
 def get_config(arg: str = ""):

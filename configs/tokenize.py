@@ -1,7 +1,7 @@
 r"""Token caches for pre-training (python -m mim_jax.tokenize).
 
-MaPeT's default targets, k-CLIP tokens of ImageNet-1k train (reference §3.3: CLIP RN50x64
-layer-4 features of a 448-px centre crop, K = 8192), written once:
+MaPeT's default targets, k-CLIP tokens of ImageNet-1k train (CLIP RN50x64 layer-4 features
+of a 448-px centre crop, K = 8192; docs/reference_details.md#k-clip-tokens), written once:
   python -m mim_jax.tokenizers.kclip --config=configs/kclip_rn50x64.py \
       --config.clip=$DATA/clip/RN50x64.pt --config.data.path=$DATA/imagenet \
       --config.out=$DATA/kclip_rn50x64
@@ -26,6 +26,7 @@ pixel centroids:
   python -m mim_jax.tokenize --config=configs/tokenize.py:runlocal,tokenizer=centroids \
       --config.cache.path=/tmp/tok_centroids
 """
+
 from mim_jax import config_lib
 
 
@@ -33,33 +34,33 @@ def get_config(arg: str = ""):
   a = config_lib.parse_arg(arg, runlocal=False, tokenizer="kclip")
   c = config_lib.mlc.ConfigDict()
   c.seed = 0
-  c.distributed = False
+  config_lib.add_runner_fields(c)  # distributed set-up fields (README: pods)
 
   c.tokenizer = config_lib.mlc.ConfigDict()
-  c.tokenizer.kind = a.tokenizer          # centroids | vqkd | peco | kclip
+  c.tokenizer.kind = a.tokenizer  # centroids | vqkd | peco | kclip
   c.tokenizer.path = ""
-  c.tokenizer.build_if_missing = False    # small data only: build centroids / k-CLIP first
+  c.tokenizer.build_if_missing = False  # small data only: build centroids / k-CLIP first
   c.tokenizer.k = 8192
   c.tokenizer.iters = 20
   c.tokenizer.images_per_class = 50
-  c.tokenizer.patch_size = 16             # centroids only
-  c.tokenizer.resize = 0                  # centroids: Resize before the crop (0: = size)
+  c.tokenizer.patch_size = 16  # centroids only
+  c.tokenizer.resize = 0  # centroids: Resize before the crop (0: = size)
   # kclip + build_if_missing only (python -m mim_jax.tokenizers.kclip builds the real one):
-  c.tokenizer.clip = ""                   # CLIP ResNet: OpenAI .pt, converted .npz, random:..
-  c.tokenizer.clip_image_size = 0         # 0: the CLIP model's own resolution
-  c.tokenizer.sample_patches = 0          # 0: 64 x k
-  c.tokenizer.max_images = 0              # 0: the whole split
+  c.tokenizer.clip = ""  # CLIP ResNet: OpenAI .pt, converted .npz, random:..
+  c.tokenizer.clip_image_size = 0  # 0: the CLIP model's own resolution
+  c.tokenizer.sample_patches = 0  # 0: 64 x k
+  c.tokenizer.max_images = 0  # 0: the whole split
 
   c.data = config_lib.base_config().data
   c.data.split = "train"
-  c.data.image_size = 224                 # the student's size; the view comes from the tokenizer
+  c.data.image_size = 224  # the student's size; the view comes from the tokenizer
   c.data.worker_count = 8
 
   c.cache = config_lib.mlc.ConfigDict()
   c.cache.path = ""
   c.cache.batch_size = 64
-  c.cache.chunk_size = 10_000             # examples per resumable chunk
-  c.cache.resize = 0                      # override the tokenizer's Resize (0: its default)
+  c.cache.chunk_size = 10_000  # examples per resumable chunk
+  c.cache.resize = 0  # override the tokenizer's Resize (0: its default)
 
   if a.runlocal:
     tiny = config_lib.base_config()

@@ -1,7 +1,8 @@
 r"""BEiT v2 VQ-KD tokenizer: ViT-B/16 encoder, 8192 x 32 codebook, CLIP ViT-B/16 teacher.
 
-Recipe (reference_details §1.4; `beit2/TOKENIZER.md`, `run_vqkd_training.py`,
-`modeling_vqkd.py` `vqkd_encoder_base_decoder_3x768x12_clip`; paper Appendix D, Table 8):
+Recipe (`microsoft/unilm:beit2/TOKENIZER.md`, `beit2/run_vqkd_training.py`,
+`beit2/modeling_vqkd.py` `vqkd_encoder_base_decoder_3x768x12_clip`; paper Appendix D, Table 8;
+docs/reference_details.md#vq-kd-tokenizer):
   * encoder: ViT-B/16 (q/v bias, learned absolute positions, NO layer scale, no relative
     position bias, drop path 0), fc_norm on the patch tokens, Linear-Tanh-Linear to 32-d
     codes (fp32); inputs in [-1, 1];
@@ -36,7 +37,7 @@ number run `python -m mim_jax.tokenizer_report --tokenizer=vqkd:$WORKDIR/vqkd_vi
 Where this differs from the paper / official code:
   * the k-means init runs once on the first *global* batch (512 images x 196 tokens), so
     every device starts from the same codebook; the official code runs it per GPU on its 64
-    local images and never syncs the results (§1.4, "Multi-GPU subtlety");
+    local images and never syncs the results (docs/reference_details.md#vq-kd-quantizer);
   * 10 warm-up epochs as the TOKENIZER.md command (the paper's Table 8 says 5);
   * `codebook_active` counts codes whose EMA usage is >= 1e-3 (the official log counts
     codes with zero usage since the start of the epoch);
@@ -50,6 +51,7 @@ encoder/decoder, 1,024 codes with dead-code restarts, a small random CLIP ViT wi
 Expected: loss 0.57 -> 0.10, and 88 % of the 1,024 codes used on 2,000 test images
 (python -m mim_jax.tokenizer_report --tokenizer=vqkd:/tmp/vqkd_smoke --num_images=2000 ...).
 """
+
 from mim_jax import config_lib
 from mim_jax.tokenizers import vqkd
 
@@ -57,15 +59,17 @@ from mim_jax.tokenizers import vqkd
 def get_config(arg: str = ""):
   a = config_lib.parse_arg(arg, runlocal=False, decoder_depth=3, epochs=100, batch=512)
   if a.decoder_depth not in (1, 3):
-    raise ValueError(f"config argument decoder_depth={a.decoder_depth}: the released VQ-KD "
-                     "tokenizers have 1 or 3 decoder layers")
+    raise ValueError(
+      f"config argument decoder_depth={a.decoder_depth}: the released VQ-KD "
+      "tokenizers have 1 or 3 decoder layers"
+    )
   c = config_lib.base_config()
 
   c.method = config_lib.mlc.ConfigDict()
   c.method.name = "vqkd"
 
-  c.model.variant = "B/16"             # the encoder
-  c.model.layer_scale_init = 0.0       # VQ-KD's ViTs have no layer scale (init_values=0)
+  c.model.variant = "B/16"  # the encoder
+  c.model.layer_scale_init = 0.0  # VQ-KD's ViTs have no layer scale (init_values=0)
   c.model.drop_path_rate = 0.0
 
   c.vqkd = config_lib.mlc.ConfigDict(dict(vqkd.DEFAULTS))
@@ -73,8 +77,8 @@ def get_config(arg: str = ""):
 
   c.teacher = config_lib.mlc.ConfigDict()
   c.teacher.kind = "clip"
-  c.teacher.path = ""                  # converted .npz (python -m mim_jax.teachers.clip) or .pt
-  c.teacher.random_init = ""           # 'random:ViT-B/16,...': untrained stand-in, smoke runs
+  c.teacher.path = ""  # converted .npz (python -m mim_jax.teachers.clip) or .pt
+  c.teacher.random_init = ""  # 'random:ViT-B/16,...': untrained stand-in, smoke runs
 
   c.data.image_size = c.data.second_image_size = 224
   c.data.crop_scale = (0.08, 1.0)
@@ -85,11 +89,11 @@ def get_config(arg: str = ""):
   c.batch_size = a.batch
   c.total_steps = config_lib.steps_for_epochs(a.epochs, c.batch_size)
   c.optim.warmup_steps = config_lib.steps_for_epochs(10, c.batch_size)
-  c.optim.lr = 5e-5 * c.batch_size / 128   # run_vqkd_training.py:252
+  c.optim.lr = 5e-5 * c.batch_size / 128  # run_vqkd_training.py:252
   c.optim.min_lr = 1e-5
   c.optim.b1, c.optim.b2 = 0.9, 0.99
   c.optim.weight_decay = 1e-4
-  c.optim.clip_grad_norm = 0.0         # 0 = no clipping (mim_jax.optim)
+  c.optim.clip_grad_norm = 0.0  # 0 = no clipping (mim_jax.optim)
   c.log_every = 100
   c.checkpoint_every = 2500
   c.vis_every = 10000
@@ -112,9 +116,8 @@ def apply_runlocal(c):
   c.vqkd.dead_code_threshold = 0.3
   c.teacher.path = ""
   # A random CLIP ViT on the same grid (CLIP_VISION_CONFIGS['ViT-B/16'] shrunk, 512-d out).
-  c.teacher.random_init = (f"random:ViT-B/16,width=64,layers=2,patch_size={patch},"
-                           f"image_size={size}")
-  c.data.crop_scale = (0.35, 1.0)      # 32 px images: tiny crops are mostly blur
+  c.teacher.random_init = f"random:ViT-B/16,width=64,layers=2,patch_size={patch},image_size={size}"
+  c.data.crop_scale = (0.35, 1.0)  # 32 px images: tiny crops are mostly blur
   c.batch_size = 64
   c.total_steps = 150
   c.log_every = 10

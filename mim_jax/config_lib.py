@@ -5,6 +5,7 @@ argument after ':' on the command line (`--config=configs/ccvit_vitb.py:runlocal
 comma-separated list of flags and key=value pairs, parsed by `parse_arg` (big_vision's
 convention).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,9 +15,9 @@ import ml_collections as mlc
 
 # Where the small real images live in the developers' and CI checkouts.
 SHARED_DATA_DIR = os.environ.get(
-    "MIM_JAX_SHARED_DATA",
-    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                 "data"))
+  "MIM_JAX_SHARED_DATA",
+  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data"),
+)
 IMAGENET_TRAIN_SIZE = 1_281_167
 
 
@@ -25,10 +26,12 @@ CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 def load_module(name_or_path: str):
   """Imports a config file ('ccvit_vitb' or a path); configs/ is not a Python package."""
-  path = name_or_path if name_or_path.endswith(".py") else os.path.join(
-      CONFIGS_DIR, name_or_path + ".py")
-  spec = importlib.util.spec_from_file_location(
-      os.path.splitext(os.path.basename(path))[0], path)
+  path = (
+    name_or_path
+    if name_or_path.endswith(".py")
+    else os.path.join(CONFIGS_DIR, name_or_path + ".py")
+  )
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -68,6 +71,22 @@ def shared_npz(name: str = "imagenette2_32.npz") -> str | None:
   return path if os.path.exists(path) else None
 
 
+def add_runner_fields(c: mlc.ConfigDict) -> None:
+  """Fields of mim_jax/runner.py that every config (pre-training, evaluation) has."""
+  # Multi-process: jax.distributed from these fields, else from JAX_COORDINATOR_ADDRESS /
+  # JAX_NUM_PROCESSES / JAX_PROCESS_ID, else from an auto-detected cluster (SLURM, Cloud
+  # TPU, ...); see README "Running on a pod / cluster".
+  c.distributed = False
+  c.coordinator_address = ""  # host:port of process 0
+  c.num_processes = 0  # 0: from the environment / cluster
+  c.process_id = -1  # -1: from the environment / cluster
+  c.distributed_timeout_s = 300  # give up joining the job after this long
+  c.local_device_ids = ""  # "0,1,...": devices of this process (default: all)
+  # A step whose loss, gradient or updated parameters are non-finite is never applied; the
+  # run stops after more than this many such steps (large runs allow a few).
+  c.max_nonfinite_skips = 0
+
+
 def base_config() -> mlc.ConfigDict:
   """Fields every pre-training config has (methods add their own)."""
   c = mlc.ConfigDict()
@@ -77,10 +96,10 @@ def base_config() -> mlc.ConfigDict:
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.async_checkpointing = True
-  c.batch_size = 2048                   # global, over all processes and devices
-  c.dtype = "float32"                   # compute dtype: 'float32' | 'bfloat16'
-  c.vis_every = 0                       # write a PNG of the method's view every N steps (0: at the end)
-  c.distributed = False                 # call jax.distributed.initialize() (multi-host)
+  c.batch_size = 2048  # global, over all processes and devices
+  c.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16'
+  c.vis_every = 0  # a PNG of the method's view every N steps (0: at the end)
+  add_runner_fields(c)
 
   # Device mesh: axis sizes (-1: all remaining devices). The batch is split over
   # ('data', 'fsdp'); parameters are split over 'fsdp' by `sharding_rules`.
@@ -89,13 +108,13 @@ def base_config() -> mlc.ConfigDict:
   # activations 'act_batch', 'act_len', 'act_embed'. With fsdp=1 everything but the
   # batch is replicated (data parallel); with fsdp>1 the width axis is sharded (FSDP).
   c.sharding_rules = (
-      ("act_batch", ("data", "fsdp")),
-      ("embed", "fsdp"),
+    ("act_batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
   )
 
   c.model = mlc.ConfigDict()
-  c.model.variant = "B/16"              # T/S/B/L + '/' + patch size
-  c.model.width = 0                     # 0: from the variant
+  c.model.variant = "B/16"  # T/S/B/L + '/' + patch size
+  c.model.width = 0  # 0: from the variant
   c.model.depth = 0
   c.model.heads = 0
   c.model.layer_scale_init = 0.1
@@ -115,13 +134,13 @@ def base_config() -> mlc.ConfigDict:
   c.optim.no_decay_names = ("cls_token", "pos_embed")
 
   c.data = mlc.ConfigDict()
-  c.data.source = "tfds"                # 'tfds' | 'imagefolder' | 'npz' | 'embedded'
-  c.data.name = "imagenet2012"          # tfds name
-  c.data.path = ""                      # imagefolder root or npz file
-  c.data.data_dir = ""                  # tfds data_dir ('' -> TFDS default)
+  c.data.source = "tfds"  # 'tfds' | 'imagefolder' | 'npz' | 'embedded'
+  c.data.name = "imagenet2012"  # tfds name
+  c.data.path = ""  # imagefolder root or npz file
+  c.data.data_dir = ""  # tfds data_dir ('' -> TFDS default)
   c.data.split = "train"
   c.data.image_size = 224
-  c.data.second_image_size = 224        # the tokenizer's view
+  c.data.second_image_size = 224  # the tokenizer's view
   c.data.crop_scale = (0.2, 1.0)
   c.data.crop_ratio = (3 / 4, 4 / 3)
   c.data.hflip = True
@@ -129,12 +148,26 @@ def base_config() -> mlc.ConfigDict:
   c.data.interpolation = "bicubic"
   c.data.second_interpolation = "bicubic"
   c.data.worker_count = 8
-  c.data.length = 1024                  # virtual length of the embedded photo source
+  c.data.length = 1024  # virtual length of the embedded photo source
+  # Unreadable examples are replaced by the next readable one (the same on every resume and
+  # process count) and counted; the run stops when they exceed this fraction of those seen.
+  c.data.max_bad_fraction = 0.01
 
   # kNN top-1 of the encoder every `every` steps (0: off), mim_jax/evaluation/monitor.py.
-  c.knn_monitor = mlc.ConfigDict(dict(
-      every=0, num_train=10_000, num_test=2_000, k=20, temperature=0.07, pool="mean",
-      train_split="train", test_split="validation", crop_pct=0.875, batch_size=256))
+  c.knn_monitor = mlc.ConfigDict(
+    dict(
+      every=0,
+      num_train=10_000,
+      num_test=2_000,
+      k=20,
+      temperature=0.07,
+      pool="mean",
+      train_split="train",
+      test_split="validation",
+      crop_pct=0.875,
+      batch_size=256,
+    )
+  )
   return c
 
 
@@ -154,8 +187,13 @@ def runlocal(c: mlc.ConfigDict, *, depth: int = 4, width: int = 128, heads: int 
     size, patch = 64, 8
   c.data.image_size = c.data.second_image_size = size
   c.data.worker_count = 0
-  c.knn_monitor.update(test_split="test" if npz else "train", crop_pct=1.0, batch_size=200,
-                       num_train=4000 if npz else 0, num_test=1000 if npz else 0)
+  c.knn_monitor.update(
+    test_split="test" if npz else "train",
+    crop_pct=1.0,
+    batch_size=200,
+    num_train=4000 if npz else 0,
+    num_test=1000 if npz else 0,
+  )
   c.model.variant = f"T/{patch}"
   c.model.width, c.model.depth, c.model.heads = width, depth, heads
   c.batch_size = 32

@@ -7,6 +7,7 @@ same generator state always gives the same mask.
 All masks are flat bool arrays in row-major patch order (True = masked), the
 layout of the reference's `bool_masked_pos`.
 """
+
 import math
 from typing import Optional, Sequence, Union
 
@@ -28,8 +29,14 @@ def _check_grid(grid: Sequence[int]) -> tuple[int, int]:
   return height, width
 
 
-def _place_one_block(rng: np.random.Generator, mask: np.ndarray, budget: int,
-                     min_block: float, log_aspect_lo: float, log_aspect_hi: float) -> int:
+def _place_one_block(
+  rng: np.random.Generator,
+  mask: np.ndarray,
+  budget: int,
+  min_block: float,
+  log_aspect_lo: float,
+  log_aspect_hi: float,
+) -> int:
   """One `_mask` call of the reference: up to 10 attempts to add a rectangle.
 
   Returns the number of newly masked cells (0 when all attempts failed). Each
@@ -50,7 +57,7 @@ def _place_one_block(rng: np.random.Generator, mask: np.ndarray, budget: int,
       # over [0, height - h] inclusive.
       top = int(u_top * (height - h + 1))
       left = int(u_left * (width - w + 1))
-      window = mask[top:top + h, left:left + w]
+      window = mask[top : top + h, left : left + w]
       new_cells = h * w - int(np.count_nonzero(window))
       if 0 < new_cells <= budget:
         window[...] = True
@@ -58,15 +65,19 @@ def _place_one_block(rng: np.random.Generator, mask: np.ndarray, budget: int,
   return 0
 
 
-def block_mask(rng: np.random.Generator,
-               grid: Sequence[int] = (14, 14),
-               num_masked: int = 75,
-               min_block: float = 16,
-               max_block: Optional[int] = None,
-               min_aspect: float = 0.3,
-               max_aspect: Optional[float] = None,
-               exact: Union[bool, str] = True) -> np.ndarray:
-  """BEiT v2 block-wise mask (reference_details §1.5), flat bool of length H*W.
+def block_mask(
+  rng: np.random.Generator,
+  grid: Sequence[int] = (14, 14),
+  num_masked: int = 75,
+  min_block: float = 16,
+  max_block: Optional[int] = None,
+  min_aspect: float = 0.3,
+  max_aspect: Optional[float] = None,
+  exact: Union[bool, str] = True,
+) -> np.ndarray:
+  """BEiT v2 block-wise mask, flat bool of length H*W.
+
+  As `microsoft/unilm:beit2/masking_generator.py` (docs/reference_details.md#block-wise-masking).
 
   Args:
     rng: the only source of randomness.
@@ -79,8 +90,8 @@ def block_mask(rng: np.random.Generator,
     exact: True (BEiT v2 / CCViT): after the block loop stops, mask random
       single unmasked patches so exactly `num_masked` are masked. False
       (BEiT v1): return the union of blocks as is (at most `num_masked`).
-      'loop' (CAE, §5.4): keep adding blocks until exactly `num_masked`, with no
-      single-patch top-up.
+      'loop' (CAE, `Atten4Vis/CAE:furnace/masking_generator.py`): keep adding
+      blocks until exactly `num_masked`, with no single-patch top-up.
 
   Returns:
     np.ndarray of bool, shape (H*W,), row-major.
@@ -88,8 +99,9 @@ def block_mask(rng: np.random.Generator,
   height, width = _check_grid(grid)
   num_patches = height * width
   if not 0 <= num_masked <= num_patches:
-    raise ValueError(f"num_masked={num_masked} must lie in [0, H*W={num_patches}] "
-                     f"for grid {tuple(grid)}")
+    raise ValueError(
+      f"num_masked={num_masked} must lie in [0, H*W={num_patches}] for grid {tuple(grid)}"
+    )
   if not min_block > 0:
     raise ValueError(f"min_block={min_block} must be positive")
   max_block = num_masked if max_block is None else max_block
@@ -120,9 +132,10 @@ def block_mask(rng: np.random.Generator,
       stalled += 1
       if stalled >= _MAX_STALLED_ROUNDS:
         raise RuntimeError(
-            f"block_mask(exact='loop') made no progress in {stalled} rounds at "
-            f"{count}/{num_masked} masked (grid={tuple(grid)}, min_block={min_block}, "
-            f"max_block={max_block}); use exact=True for a random top-up")
+          f"block_mask(exact='loop') made no progress in {stalled} rounds at "
+          f"{count}/{num_masked} masked (grid={tuple(grid)}, min_block={min_block}, "
+          f"max_block={max_block}); use exact=True for a random top-up"
+        )
       continue
     stalled = 0
     count += added
@@ -146,7 +159,9 @@ def random_mask(rng: np.random.Generator, num_patches: int, num_masked: int) -> 
 
 
 def replaced_positions(rng: np.random.Generator, mask: np.ndarray, num_replaced: int) -> np.ndarray:
-  """CCViT centroid replacing (§4.2): `num_replaced` positions among the unmasked.
+  """CCViT centroid replacing: `num_replaced` positions among the unmasked.
+
+  `Cakeyan/CCViT_Public:datasets.py` (docs/reference_details.md#ccvit-centroid-replacing).
 
   Drawn uniformly without replacement from the positions where `mask` is
   False, so the result is disjoint from `mask`. Same shape as `mask`.
@@ -157,8 +172,9 @@ def replaced_positions(rng: np.random.Generator, mask: np.ndarray, num_replaced:
   unmasked = np.flatnonzero(mask.reshape(-1) == 0)
   if num_replaced > unmasked.size:
     raise ValueError(
-        f"num_replaced={num_replaced} exceeds the {unmasked.size} unmasked positions "
-        f"({mask.size} patches, {mask.size - unmasked.size} masked)")
+      f"num_replaced={num_replaced} exceeds the {unmasked.size} unmasked positions "
+      f"({mask.size} patches, {mask.size - unmasked.size} masked)"
+    )
   replaced = np.zeros(mask.size, dtype=bool)
   replaced[rng.choice(unmasked, num_replaced, replace=False)] = True
   return replaced.reshape(mask.shape)

@@ -1,4 +1,5 @@
 """Metric writing: clu writers (TensorBoard + log), DIR/metrics.jsonl, console progress."""
+
 from __future__ import annotations
 
 import datetime
@@ -20,7 +21,8 @@ class MetricLogger:
     self.is_main = jax.process_index() == 0
     self.total_steps = total_steps
     self.writer = metric_writers.create_default_writer(
-        workdir, just_logging=not self.is_main, asynchronous=False)
+      workdir, just_logging=not self.is_main, asynchronous=False
+    )
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self._t0 = time.time()
     self._last_time = None
@@ -53,10 +55,15 @@ class MetricLogger:
         f.write(json.dumps(row) + "\n")
       self.writer.write_scalars(step, {k: v for k, v in row.items() if k != "step"})
       eta_s = "?" if math.isnan(eta) else str(datetime.timedelta(seconds=int(eta)))
-      shown = " ".join(f"{k}={v:.4g}" for k, v in row.items()
-                       if k not in ("step", "step_time_s"))
-      logging.info("step %d/%d (%.0f%%) %s | ETA %s", step, self.total_steps,
-                   100.0 * step / self.total_steps, shown, eta_s)
+      shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("step", "step_time_s"))
+      logging.info(
+        "step %d/%d (%.0f%%) %s | ETA %s",
+        step,
+        self.total_steps,
+        100.0 * step / self.total_steps,
+        shown,
+        eta_s,
+      )
     return row
 
   def close(self):

@@ -1,9 +1,11 @@
 """Optimizer and learning-rate schedules, built from optax parts.
 
-The schedule reproduces the BEiT/CCViT/CAE `cosine_scheduler` (reference §0.1 item 10):
-warm-up is `linspace(0, base, warmup)` (it starts at 0 and *reaches* `base` on the last
-warm-up step), then `final + (base - final)/2 * (1 + cos(pi * i / n))` per step.
+The schedule reproduces the per-step `cosine_scheduler` of BEiT, CCViT and CAE
+(`microsoft/unilm:beit2/utils.py`; docs/reference_details.md#learning-rate-schedule): warm-up
+is `linspace(0, base, warmup)` (it starts at 0 and *reaches* `base` on the last warm-up step),
+then `final + (base - final)/2 * (1 + cos(pi * i / n))` per step.
 """
+
 from __future__ import annotations
 
 import re
@@ -13,14 +15,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# Parameters never decayed by name, beyond the ndim <= 1 rule (reference §0.1 item 7:
-# BEiT's `no_weight_decay()` = {pos_embed, cls_token}). Note that `mask_token` and the
-# shared relative-position table ARE decayed in the reference, and so are they here.
+# Parameters never decayed by name, beyond the ndim <= 1 rule: BEiT's `no_weight_decay()` =
+# {pos_embed, cls_token} (`microsoft/unilm:beit2/optim_factory.py`). Note that `mask_token` and
+# the shared relative-position table ARE decayed in the official code, and so are they here
+# (docs/reference_details.md#weight-decay).
 DEFAULT_NO_DECAY_NAMES = ("cls_token", "pos_embed")
 
 
-def cosine_schedule(base_lr: float, total_steps: int, warmup_steps: int,
-                    min_lr: float = 0.0) -> optax.Schedule:
+def cosine_schedule(
+  base_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0
+) -> optax.Schedule:
   """Per-step linear warm-up from 0 to `base_lr`, then cosine to `min_lr`."""
   if total_steps <= 0:
     raise ValueError(f"total_steps must be positive, got {total_steps}")
@@ -28,8 +32,8 @@ def cosine_schedule(base_lr: float, total_steps: int, warmup_steps: int,
   decay_steps = max(total_steps - warmup_steps, 1)
   # optax's cosine at step i: min + (base - min)/2 (1 + cos(pi i / n)): the reference.
   cosine = optax.cosine_decay_schedule(
-      init_value=base_lr, decay_steps=decay_steps,
-      alpha=(min_lr / base_lr) if base_lr else 0.0)
+    init_value=base_lr, decay_steps=decay_steps, alpha=(min_lr / base_lr) if base_lr else 0.0
+  )
   if warmup_steps == 0:
     return cosine
   if warmup_steps == 1:
@@ -47,8 +51,11 @@ def _path_name(path) -> str:
   return "/".join(parts)
 
 
-def weight_decay_mask(params: Any, no_decay_names: Sequence[str] = DEFAULT_NO_DECAY_NAMES,
-                      scanned_prefix: str | None = None) -> Any:
+def weight_decay_mask(
+  params: Any,
+  no_decay_names: Sequence[str] = DEFAULT_NO_DECAY_NAMES,
+  scanned_prefix: str | None = None,
+) -> Any:
   """True where a parameter is decayed: ndim > 1 and not named in `no_decay_names`.
 
   Biases, LayerNorm scales, layer-scale gammas and q/v biases have ndim <= 1 and are
@@ -79,6 +86,9 @@ def make_optimizer(cfg, total_steps: int, *, scanned_prefix: str | None = None):
   parts = []
   if cfg.clip_grad_norm and cfg.clip_grad_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.clip_grad_norm))
-  parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay, mask=mask))
+  parts.append(
+    optax.adamw(
+      schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask
+    )
+  )
   return optax.chain(*parts), schedule

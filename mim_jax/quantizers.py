@@ -2,7 +2,8 @@
 
 Both are pure-functional Flax Linen modules. The codebook and its statistics live in
 the mutable **'codebook'** collection, never in 'params', so the optimizer never sees
-them; the EMA update replaces a codebook loss (reference_details §1.4, unilm#1290).
+them; the EMA update replaces a codebook loss (`microsoft/unilm:beit2/norm_ema_quantizer.py`,
+microsoft/unilm issue #1290; docs/reference_details.md#vq-kd-quantizer).
 
 Usage::
 
@@ -48,6 +49,7 @@ fixed key `PRNGKey(seed)`; the init uses `fold_in(key, 0)` and the restart
 `fold_in(key, 1)`. Without a 'codebook' stream the restart therefore draws the same
 row positions every step (from a different batch); pass a per-step key to vary them.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
@@ -68,6 +70,7 @@ RESTART_CLUSTER_SIZE = 1.0
 class QuantizerOutput(NamedTuple):
   """z_q: straight-through codes (fp32, z's shape); loss: scalar fp32 commitment loss;
   ids: int32 code ids of shape z.shape[:-1]; metrics: dict of fp32 scalars."""
+
   z_q: jax.Array
   loss: jax.Array
   ids: jax.Array
@@ -129,13 +132,17 @@ def code_sums(flat: jax.Array, ids: jax.Array, num_codes: int, axis_name=None) -
 def nearest_codes(flat: jax.Array, codebook: jax.Array) -> jax.Array:
   """argmin_k ||z - w_k||^2 computed as ||z||^2 + ||w||^2 - 2 z.w (reference
   `norm_ema_quantizer.py` forward; first index on ties); int32 (N,)."""
-  dist = (jnp.sum(flat * flat, axis=1, keepdims=True) + jnp.sum(codebook * codebook, axis=1)
-          - 2.0 * jnp.dot(flat, codebook.T, precision=_HIGHEST))
+  dist = (
+    jnp.sum(flat * flat, axis=1, keepdims=True)
+    + jnp.sum(codebook * codebook, axis=1)
+    - 2.0 * jnp.dot(flat, codebook.T, precision=_HIGHEST)
+  )
   return jnp.argmin(dist, axis=1).astype(jnp.int32)
 
 
-def kmeans(samples: jax.Array, means: jax.Array, num_iters: int, *, spherical: bool,
-           axis_name=None) -> jax.Array:
+def kmeans(
+  samples: jax.Array, means: jax.Array, num_iters: int, *, spherical: bool, axis_name=None
+) -> jax.Array:
   """Lloyd iterations from `means` (reference `kmeans`, norm_ema_quantizer.py).
 
   spherical: assign by maximum dot product and l2-normalise the new means (the
@@ -161,17 +168,18 @@ def kmeans(samples: jax.Array, means: jax.Array, num_iters: int, *, spherical: b
   return lax.fori_loop(0, num_iters, one_iteration, means)
 
 
-def usage_metrics(counts: jax.Array, cluster_size: jax.Array,
-                  active_threshold: float) -> dict:
+def usage_metrics(counts: jax.Array, cluster_size: jax.Array, active_threshold: float) -> dict:
   """codebook_perplexity: exp(entropy) of this batch's code histogram (1 .. K);
   codebook_used: codes used in this batch; codebook_active: codes whose EMA count
   is >= active_threshold (with decay 0.99 and threshold 1e-3, a code used once
   stays active ~230 steps; the reference logs codes with a zero count instead)."""
   p = counts / jnp.maximum(jnp.sum(counts), 1.0)
   entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
-  return dict(codebook_perplexity=jnp.exp(entropy),
-              codebook_used=jnp.sum(counts > 0).astype(jnp.float32),
-              codebook_active=jnp.sum(cluster_size >= active_threshold).astype(jnp.float32))
+  return dict(
+    codebook_perplexity=jnp.exp(entropy),
+    codebook_used=jnp.sum(counts > 0).astype(jnp.float32),
+    codebook_active=jnp.sum(cluster_size >= active_threshold).astype(jnp.float32),
+  )
 
 
 def straight_through(z: jax.Array, z_q: jax.Array, beta: float) -> tuple[jax.Array, jax.Array]:
@@ -186,18 +194,21 @@ class _EMAQuantizerBase(nn.Module):
 
   def _check_input(self, z: jax.Array) -> jax.Array:
     if z.ndim < 1 or z.shape[-1] != self.dim:
-      raise ValueError(f"{type(self).__name__}: input has shape {z.shape}, "
-                       f"the last axis must be dim={self.dim}")
+      raise ValueError(
+        f"{type(self).__name__}: input has shape {z.shape}, the last axis must be dim={self.dim}"
+      )
     if not 0.0 <= self.decay < 1.0:
       raise ValueError(f"{type(self).__name__}: decay={self.decay} must lie in [0, 1)")
     return z.astype(jnp.float32)
 
   def _declare_common(self, init_embedding, init_cluster_size: float):
     self.embedding = self.variable("codebook", "embedding", init_embedding)
-    self.cluster_size = self.variable("codebook", "cluster_size", jnp.full,
-                                      (self.num_codes,), init_cluster_size, jnp.float32)
-    self.initted = self.variable("codebook", "initted",
-                                 lambda: jnp.asarray(not self.kmeans_init, jnp.bool_))
+    self.cluster_size = self.variable(
+      "codebook", "cluster_size", jnp.full, (self.num_codes,), init_cluster_size, jnp.float32
+    )
+    self.initted = self.variable(
+      "codebook", "initted", lambda: jnp.asarray(not self.kmeans_init, jnp.bool_)
+    )
 
   def _base_key(self) -> jax.Array:
     if self.has_rng("codebook"):
@@ -206,15 +217,17 @@ class _EMAQuantizerBase(nn.Module):
 
   def _updating(self, train: bool) -> bool:
     if not isinstance(train, (bool, int)):
-      raise TypeError(f"{type(self).__name__}: train must be a Python bool (static), "
-                      f"got {type(train).__name__}")
+      raise TypeError(
+        f"{type(self).__name__}: train must be a Python bool (static), got {type(train).__name__}"
+      )
     return bool(train) and self.is_mutable_collection("codebook") and not self.is_initializing()
 
   def _maybe_kmeans_init(self, flat: jax.Array, key: jax.Array, spherical: bool) -> jax.Array:
     """The k-means init on the first training batch, inside a lax.cond on `initted`
     so one compiled step serves the first and all later steps. Runs on the *global*
-    batch (the reference runs it per GPU on the local batch and never syncs, so its
-    ranks start from different codebooks: §1.4 "Multi-GPU subtlety")."""
+    batch (the official code runs it per GPU on the local batch and never syncs, so its
+    ranks start from different codebooks: "Multi-GPU subtlety" in
+    docs/reference_details.md#vq-kd-quantizer)."""
     codebook = self.embedding.value
     if not self.kmeans_init:
       return codebook
@@ -222,8 +235,7 @@ class _EMAQuantizerBase(nn.Module):
     def run_kmeans():
       rows = sample_row_indices(key, _global_rows(flat, self.axis_name), self.num_codes)
       start = gather_rows(flat, rows, self.axis_name)
-      return kmeans(flat, start, self.kmeans_iters, spherical=spherical,
-                    axis_name=self.axis_name)
+      return kmeans(flat, start, self.kmeans_iters, spherical=spherical, axis_name=self.axis_name)
 
     codebook = lax.cond(self.initted.value, lambda: codebook, run_kmeans)
     self.initted.value = jnp.asarray(True)
@@ -240,7 +252,7 @@ class _EMAQuantizerBase(nn.Module):
 
 
 class NormEMAQuantizer(_EMAQuantizerBase):
-  """BEiT v2 `NormEMAVectorQuantizer` (reference_details §1.4).
+  """BEiT v2 `NormEMAVectorQuantizer` (`microsoft/unilm:beit2/norm_ema_quantizer.py`).
 
   z is l2-normalised (last axis) and matched to l2-normalised codes by squared L2
   (== max cosine). Training update, after the lookup of z_q with the old codes:
@@ -261,6 +273,7 @@ class NormEMAQuantizer(_EMAQuantizerBase):
       reference. active_threshold: EMA count for `codebook_active`.
     seed: fixed key for the init / restart samples when no 'codebook' rng is given.
   """
+
   num_codes: int
   dim: int
   decay: float = 0.99
@@ -277,8 +290,10 @@ class NormEMAQuantizer(_EMAQuantizerBase):
     def init_embedding():
       if self.kmeans_init:  # reference: zeros until the first batch initialises them
         return jnp.zeros((self.num_codes, self.dim), jnp.float32)
-      return l2norm(jax.random.normal(self.make_rng("params"), (self.num_codes, self.dim),
-                                      jnp.float32))
+      return l2norm(
+        jax.random.normal(self.make_rng("params"), (self.num_codes, self.dim), jnp.float32)
+      )
+
     self._declare_common(init_embedding, init_cluster_size=0.0)
 
   def __call__(self, z: jax.Array, *, train: bool) -> QuantizerOutput:
@@ -287,10 +302,13 @@ class NormEMAQuantizer(_EMAQuantizerBase):
     update = self._updating(train)
     key = self._base_key() if update else None
 
-    codebook = (self._maybe_kmeans_init(flat, jax.random.fold_in(key, 0), spherical=True)
-                if update else self.embedding.value)
+    codebook = (
+      self._maybe_kmeans_init(flat, jax.random.fold_in(key, 0), spherical=True)
+      if update
+      else self.embedding.value
+    )
     ids = nearest_codes(flat, codebook)
-    z_q = codebook[ids]   # looked up before the EMA update, as in the reference
+    z_q = codebook[ids]  # looked up before the EMA update, as in the reference
     counts = code_counts(ids, self.num_codes, self.axis_name)
     cluster_size = self.cluster_size.value
 
@@ -317,8 +335,8 @@ class NormEMAQuantizer(_EMAQuantizerBase):
 class EMAQuantizer(_EMAQuantizerBase):
   """VQ-VAE(-2) quantizer with EMA codebook updates (PeCo: "exponential moving
   averages ... to update the codebook", beta = 0.25; the PeCo code is unavailable,
-  reference_details §2, so this follows VQ-VAE-2 / sonnet `VectorQuantizerEMA` and
-  the BEiT v2 `EmbeddingEMA.weight_update`).
+  docs/reference_details.md#peco, so this follows VQ-VAE-2 / sonnet `VectorQuantizerEMA`
+  and the BEiT v2 `EmbeddingEMA.weight_update`).
 
   Training update (after the lookup of z_q with the old codes):
     cluster_size <- decay cluster_size + (1 - decay) counts
@@ -336,6 +354,7 @@ class EMAQuantizer(_EMAQuantizerBase):
   embed_avg by Euclidean k-means of the first training batch.
   Attributes as NormEMAQuantizer, plus eps (Laplace smoothing).
   """
+
   num_codes: int
   dim: int
   decay: float = 0.99
@@ -352,6 +371,7 @@ class EMAQuantizer(_EMAQuantizerBase):
   def setup(self):
     def init_embedding():
       return jax.random.normal(self.make_rng("params"), (self.num_codes, self.dim), jnp.float32)
+
     self._declare_common(init_embedding, init_cluster_size=1.0)
     self.embed_avg = self.variable("codebook", "embed_avg", lambda: self.embedding.value)
 

@@ -1,12 +1,15 @@
 """Device mesh, logical-axis sharding rules, and global batches from per-process data."""
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
@@ -31,8 +34,9 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[Any] | None = None)
     sizes[free[0]] = len(devices) // fixed
   total = int(np.prod(list(sizes.values())))
   if total != len(devices):
-    raise ValueError(f"config.mesh: {dict(sizes)} needs {total} devices, "
-                     f"but {len(devices)} are available")
+    raise ValueError(
+      f"config.mesh: {dict(sizes)} needs {total} devices, but {len(devices)} are available"
+    )
   grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
   # Auto axes: jit + logical sharding constraints (Explicit axes reject them).
   return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
@@ -75,15 +79,20 @@ def check_divisible(abstract: Any, shardings: Any) -> None:
     for dim, axes in zip(leaf.shape, spec):
       if axes is None:
         continue
-      n = int(np.prod([sharding.mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
+      n = int(
+        np.prod([sharding.mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))])
+      )
       if dim % n:
         name = jax.tree_util.keystr(path)
-        raise ValueError(f"parameter {name} of shape {leaf.shape} cannot be split {n} ways "
-                         f"along {axes} (config.mesh / config.sharding_rules)")
+        raise ValueError(
+          f"parameter {name} of shape {leaf.shape} cannot be split {n} ways "
+          f"along {axes} (config.mesh / config.sharding_rules)"
+        )
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
   """Assembles the global batch from this process's rows (multi-host safe)."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
+  }

@@ -9,32 +9,35 @@ r"""Runs a frozen tokenizer over a data split once and stores the ids: a token c
 
 Each example is prepared with the tokenizer's `View` (Resize shorter side -> CenterCrop,
 no flip), recorded in the cache so training can check it reads the same region (MaPeT's
-k-CLIP tokens, reference §3.3). Re-running the same command resumes at the first missing
-chunk. Multi-host: every process runs the same command (config.distributed=True) and writes
-its own chunks; process 0 joins them. Devices of one process split each batch.
+k-CLIP tokens, docs/reference_details.md#k-clip-tokens). Re-running the same command resumes
+at the first missing chunk. Multi-host: every process runs the same command
+(config.distributed=True) and writes its own chunks; process 0 joins them. Devices of one
+process split each batch.
 """
+
 from __future__ import annotations
 
 import os
 import sys
 
 from absl import app
-from absl import flags
 from absl import logging
 import grain.python as grain
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 import numpy as np
 
+from mim_jax import distributed
 from mim_jax.data import pipeline as data_pipeline
 from mim_jax.data import sources as data_sources
 from mim_jax.data import transforms
 from mim_jax.tokenizers import base as tok_base
 from mim_jax.tokenizers import cache as cache_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Tokenize config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Tokenize config file.", lock_config=True)
 
 
 class _Range:
@@ -65,22 +68,32 @@ def build_tokenizer(config, source=None) -> tok_base.Tokenizer:
 def _build_small_tokenizer(config, source, out: str) -> str:
   t = config.tokenizer
   if t.kind == "centroids":
-    from mim_jax.methods import ccvit  # pylint: disable=g-import-not-at-top
+    from mim_jax.methods import common as method_common  # pylint: disable=g-import-not-at-top
+
     if os.path.exists(out + ".npy"):
       return out
-    tok = ccvit.build_codebook_from_source(
-        source, k=t.k, images_per_class=t.images_per_class, iters=t.iters,
-        patch_size=t.patch_size, image_size=config.data.image_size, seed=config.seed)
+    tok = method_common.build_codebook_from_source(
+      source,
+      k=t.k,
+      images_per_class=t.images_per_class,
+      iters=t.iters,
+      patch_size=t.patch_size,
+      image_size=config.data.image_size,
+      seed=config.seed,
+    )
     tok.save(out)
     return out
   if t.kind == "kclip":
     from mim_jax.tokenizers import kclip  # pylint: disable=g-import-not-at-top
+
     if not os.path.exists(os.path.join(out, kclip.META)):
       kclip.build_from_config(config, source, out)
     return out
-  raise ValueError(f"config.tokenizer.build_if_missing: a {t.kind} tokenizer must be trained "
-                   f"first (configs/{'vqkd_vitb' if t.kind == 'vqkd' else 'peco_vqvae'}.py); "
-                   "set config.tokenizer.path to its workdir")
+  raise ValueError(
+    f"config.tokenizer.build_if_missing: a {t.kind} tokenizer must be trained "
+    f"first (configs/{'vqkd_vitb' if t.kind == 'vqkd' else 'peco_vqvae'}.py); "
+    "set config.tokenizer.path to its workdir"
+  )
 
 
 def _validate(config):
@@ -96,8 +109,7 @@ def _validate(config):
 def run(config) -> str:
   """Writes (or resumes) the cache described by `config`; returns its directory."""
   _validate(config)
-  if config.get("distributed"):
-    jax.distributed.initialize()
+  distributed.initialize(config)  # config fields, JAX_* variables or a detected cluster
   source = data_sources.build_source(config.data, config.data.split)
   tok = build_tokenizer(config, source)
   view = tok.view
@@ -108,18 +120,24 @@ def run(config) -> str:
   devices = jax.local_devices()
   batch = config.cache.batch_size
   if batch % len(devices):
-    raise ValueError(f"config.cache.batch_size={batch} is not divisible by the "
-                     f"{len(devices)} local devices")
+    raise ValueError(
+      f"config.cache.batch_size={batch} is not divisible by the {len(devices)} local devices"
+    )
   in_sharding = NamedSharding(Mesh(np.array(devices), ("data",)), P("data"))
   fn = jax.jit(tok.fn, in_shardings=(None, in_sharding))
   params = jax.device_put(tok.params, NamedSharding(in_sharding.mesh, P()))
-  logging.info("tokenizer %s on %s (%d examples) -> %s", tok, source, len(source),
-               config.cache.path)
+  logging.info(
+    "tokenizer %s on %s (%d examples) -> %s", tok, source, len(source), config.cache.path
+  )
 
   def tokenize_chunk(start, stop):
     loader = data_pipeline.make_eval_loader(
-        _Range(source, start, stop), transform, global_batch_size=batch,
-        worker_count=config.data.worker_count, shard_options=grain.NoSharding())
+      _Range(source, start, stop),
+      transform,
+      global_batch_size=batch,
+      worker_count=config.data.worker_count,
+      shard_options=grain.NoSharding(),
+    )
     out, seen = [], []
     for b in loader:
       ids = np.asarray(fn(params, b["image"]))
@@ -130,13 +148,24 @@ def run(config) -> str:
       raise RuntimeError(f"examples [{start}, {stop}) came back out of order")
     return np.concatenate(out)
 
-  source_info = {"source": config.data.source, "name": config.data.get("name", ""),
-                 "path": config.data.get("path", ""), "split": config.data.split,
-                 "length": len(source)}
-  cache_lib.write(config.cache.path, num_examples=len(source), fingerprint=tok.fingerprint(),
-                  source_info=source_info, tokenize_chunk=tokenize_chunk,
-                  chunk_size=config.cache.chunk_size, process_index=jax.process_index(),
-                  process_count=jax.process_count(), log=logging.info)
+  source_info = {
+    "source": config.data.source,
+    "name": config.data.get("name", ""),
+    "path": config.data.get("path", ""),
+    "split": config.data.split,
+    "length": len(source),
+  }
+  cache_lib.write(
+    config.cache.path,
+    num_examples=len(source),
+    fingerprint=tok.fingerprint(),
+    source_info=source_info,
+    tokenize_chunk=tokenize_chunk,
+    chunk_size=config.cache.chunk_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    log=logging.info,
+  )
   return config.cache.path
 
 
@@ -154,8 +183,13 @@ def main(argv):
     sys.exit(2)
   meta = cache_lib.read_meta(path)
   if meta.get("complete"):
-    logging.info("token cache complete: %s (%d examples x %d tokens, %s)", path,
-                 meta["num_examples"], meta["num_tokens"], meta["dtype"])
+    logging.info(
+      "token cache complete: %s (%d examples x %d tokens, %s)",
+      path,
+      meta["num_examples"],
+      meta["num_tokens"],
+      meta["dtype"],
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ perplexity exp(H) of the code histogram (K at most; higher = more even use).
 Outputs in --out: report.md (the table), report.json, codes_<kind>.png (rows of patches that
 share a code: the papers' codebook visualisations).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,9 @@ BLUR_SIGMAS = (0.5, 1.0, 2.0)
 
 
 # ------------------------------------------------------------------ corruptions (numpy)
-def mask_patches(images: np.ndarray, grid: tuple[int, int], ratio: float,
-                 rng: np.random.Generator, fill: int = 0) -> np.ndarray:
+def mask_patches(
+  images: np.ndarray, grid: tuple[int, int], ratio: float, rng: np.random.Generator, fill: int = 0
+) -> np.ndarray:
   """Sets round(ratio * N) random patches of each image's token grid to `fill`."""
   b, h, w, _ = images.shape
   gh, gw = grid
@@ -47,7 +49,7 @@ def mask_patches(images: np.ndarray, grid: tuple[int, int], ratio: float,
   for i in range(b):
     for j in rng.permutation(n)[:count]:
       y, x = divmod(int(j), gw)
-      out[i, y * ph:(y + 1) * ph, x * pw:(x + 1) * pw] = fill
+      out[i, y * ph : (y + 1) * ph, x * pw : (x + 1) * pw] = fill
   return out
 
 
@@ -58,6 +60,7 @@ def gaussian_noise(images: np.ndarray, sigma: float, rng: np.random.Generator) -
 
 def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
   from scipy import ndimage  # pylint: disable=g-import-not-at-top
+
   x = images.astype(np.float32)
   blurred = ndimage.gaussian_filter(x, sigma=(0, sigma, sigma, 0), mode="reflect")
   return np.clip(np.round(blurred), 0, 255).astype(np.uint8)
@@ -68,9 +71,11 @@ def usage(ids: np.ndarray, codebook_size: int) -> dict:
   counts = np.bincount(np.asarray(ids).ravel(), minlength=codebook_size).astype(np.float64)
   p = counts / counts.sum()
   nz = p[p > 0]
-  return {"codes_used": int((counts > 0).sum()),
-          "usage_pct": 100.0 * float((counts > 0).mean()),
-          "perplexity": float(np.exp(-(nz * np.log(nz)).sum()))}
+  return {
+    "codes_used": int((counts > 0).sum()),
+    "usage_pct": 100.0 * float((counts > 0).mean()),
+    "perplexity": float(np.exp(-(nz * np.log(nz)).sum())),
+  }
 
 
 def unchanged_pct(a: np.ndarray, b: np.ndarray) -> float:
@@ -80,30 +85,45 @@ def unchanged_pct(a: np.ndarray, b: np.ndarray) -> float:
 def tokenize_all(tok, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
   out = []
   for i in range(0, len(images), batch_size):
-    chunk = images[i:i + batch_size]
+    chunk = images[i : i + batch_size]
     pad = batch_size - len(chunk)
-    if pad:   # one compiled shape
+    if pad:  # one compiled shape
       chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, 0)])
-    out.append(np.asarray(tok.tokenize(chunk))[:batch_size - pad])
+    out.append(np.asarray(tok.tokenize(chunk))[: batch_size - pad])
   return np.concatenate(out)
 
 
-def evaluate(tok, images: np.ndarray, *, seed: int = 0, mask_ratios=MASK_RATIOS,
-             noise_sigmas=NOISE_SIGMAS, blur_sigmas=BLUR_SIGMAS, batch_size: int = 64) -> dict:
+def evaluate(
+  tok,
+  images: np.ndarray,
+  *,
+  seed: int = 0,
+  mask_ratios=MASK_RATIOS,
+  noise_sigmas=NOISE_SIGMAS,
+  blur_sigmas=BLUR_SIGMAS,
+  batch_size: int = 64,
+) -> dict:
   """Usage + stability of one tokenizer on uint8 images already in its view."""
   rng = np.random.default_rng(seed)
   clean = tokenize_all(tok, images, batch_size)
-  row = {"tokenizer": tok.kind, "codebook_size": tok.codebook_size,
-         "num_images": int(len(images)), **usage(clean, tok.codebook_size)}
+  row = {
+    "tokenizer": tok.kind,
+    "codebook_size": tok.codebook_size,
+    "num_images": int(len(images)),
+    **usage(clean, tok.codebook_size),
+  }
   for r in mask_ratios:
     row[f"mask_{r:g}"] = unchanged_pct(
-        clean, tokenize_all(tok, mask_patches(images, tok.grid, r, rng), batch_size))
+      clean, tokenize_all(tok, mask_patches(images, tok.grid, r, rng), batch_size)
+    )
   for s in noise_sigmas:
     row[f"noise_{s:g}"] = unchanged_pct(
-        clean, tokenize_all(tok, gaussian_noise(images, s, rng), batch_size))
+      clean, tokenize_all(tok, gaussian_noise(images, s, rng), batch_size)
+    )
   for s in blur_sigmas:
-    row[f"blur_{s:g}"] = unchanged_pct(clean, tokenize_all(tok, gaussian_blur(images, s),
-                                                           batch_size))
+    row[f"blur_{s:g}"] = unchanged_pct(
+      clean, tokenize_all(tok, gaussian_blur(images, s), batch_size)
+    )
   return row, clean
 
 
@@ -111,24 +131,41 @@ def table_markdown(rows: Sequence[dict]) -> str:
   if not rows:
     return ""
   stab = [k for k in rows[0] if k.startswith(("mask_", "noise_", "blur_"))]
-  head = (["tokenizer", "K", "images", "codes used", "usage %", "perplexity"]
-          + [k.replace("_", " ") for k in stab])
+  head = ["tokenizer", "K", "images", "codes used", "usage %", "perplexity"] + [
+    k.replace("_", " ") for k in stab
+  ]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [r.get("name", r["tokenizer"]), str(r["codebook_size"]), str(r["num_images"]),
-             str(r["codes_used"]), f"{r['usage_pct']:.1f}", f"{r['perplexity']:.1f}"]
+    cells = [
+      r.get("name", r["tokenizer"]),
+      str(r["codebook_size"]),
+      str(r["num_images"]),
+      str(r["codes_used"]),
+      f"{r['usage_pct']:.1f}",
+      f"{r['perplexity']:.1f}",
+    ]
     cells += [f"{r[k]:.2f}" for k in stab]
     lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines) + ("\n\nStability columns: % of token ids unchanged; mask = ratio of "
-                             "patches blacked out, noise = Gaussian sigma on 0-255, blur = "
-                             "Gaussian sigma in pixels.\n")
+  return "\n".join(lines) + (
+    "\n\nStability columns: % of token ids unchanged; mask = ratio of "
+    "patches blacked out, noise = Gaussian sigma on 0-255, blur = "
+    "Gaussian sigma in pixels.\n"
+  )
 
 
-def code_grid(images: np.ndarray, ids: np.ndarray, grid: tuple[int, int], *,
-              num_codes: int = 12, per_code: int = 12, seed: int = 0,
-              patch_px: int = 32) -> np.ndarray:
+def code_grid(
+  images: np.ndarray,
+  ids: np.ndarray,
+  grid: tuple[int, int],
+  *,
+  num_codes: int = 12,
+  per_code: int = 12,
+  seed: int = 0,
+  patch_px: int = 32,
+) -> np.ndarray:
   """uint8 picture: one row per code (the most frequent ones), patches that share it."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   b, h, w, _ = images.shape
   gh, gw = grid
   ph, pw = h // gh, w // gw
@@ -138,25 +175,34 @@ def code_grid(images: np.ndarray, ids: np.ndarray, grid: tuple[int, int], *,
   codes = codes[counts[codes] > 0]
   rng = np.random.default_rng(seed)
   gap = 2
-  canvas = np.full((len(codes) * (patch_px + gap), per_code * (patch_px + gap), 3), 96,
-                   np.uint8)
+  canvas = np.full((len(codes) * (patch_px + gap), per_code * (patch_px + gap), 3), 96, np.uint8)
   for r, code in enumerate(codes):
     where = np.argwhere(flat == code)
     pick = where[rng.permutation(len(where))[:per_code]]
     for c, (i, j) in enumerate(pick):
       y, x = divmod(int(j), gw)
-      patch = images[i, y * ph:(y + 1) * ph, x * pw:(x + 1) * pw]
+      patch = images[i, y * ph : (y + 1) * ph, x * pw : (x + 1) * pw]
       patch = np.asarray(Image.fromarray(patch).resize((patch_px, patch_px), Image.NEAREST))
-      canvas[r * (patch_px + gap):r * (patch_px + gap) + patch_px,
-             c * (patch_px + gap):c * (patch_px + gap) + patch_px] = patch
+      canvas[
+        r * (patch_px + gap) : r * (patch_px + gap) + patch_px,
+        c * (patch_px + gap) : c * (patch_px + gap) + patch_px,
+      ] = patch
   return canvas
 
 
 # ------------------------------------------------------------------ CLI
-flags.DEFINE_multi_string("tokenizer", [], "kind:path, repeatable (kinds: centroids, vqkd, "
-                          "peco, kclip); kind:path@size for centroids at another image size")
-flags.DEFINE_string("source", "", "npz | imagefolder | tfds | embedded (default: "
-                    "../shared/data/imagenette2_32.npz when present, else embedded)")
+flags.DEFINE_multi_string(
+  "tokenizer",
+  [],
+  "kind:path, repeatable (kinds: centroids, vqkd, "
+  "peco, kclip); kind:path@size for centroids at another image size",
+)
+flags.DEFINE_string(
+  "source",
+  "",
+  "npz | imagefolder | tfds | embedded (default: "
+  "../shared/data/imagenette2_32.npz when present, else embedded)",
+)
 flags.DEFINE_string("path", "", "npz file or imagefolder root")
 flags.DEFINE_string("name", "imagenet2012", "tfds name")
 flags.DEFINE_string("split", "test", "split to read")
@@ -170,10 +216,20 @@ def _images_for(tok, source, indices) -> np.ndarray:
   return np.stack([tok.view.apply(source[int(i)]["image"]) for i in indices])
 
 
-def run(specs: Sequence[str], source, *, num_images: int, seed: int, out: str,
-        batch_size: int = 64, log=print) -> list[dict]:
-  from mim_jax.tokenizers import base as tok_base  # pylint: disable=g-import-not-at-top
+def run(
+  specs: Sequence[str],
+  source,
+  *,
+  num_images: int,
+  seed: int,
+  out: str,
+  batch_size: int = 64,
+  log=print,
+) -> list[dict]:
   import ml_collections as mlc  # pylint: disable=g-import-not-at-top
+
+  from mim_jax.tokenizers import base as tok_base  # pylint: disable=g-import-not-at-top
+
   if not specs:
     raise ValueError("--tokenizer: give at least one kind:path")
   parsed = []
@@ -194,6 +250,7 @@ def run(specs: Sequence[str], source, *, num_images: int, seed: int, out: str,
     rows.append(row)
     png = os.path.join(out, f"codes_{kind}_{len(rows)}.png")
     from PIL import Image  # pylint: disable=g-import-not-at-top
+
     Image.fromarray(code_grid(images, clean, tok.grid, seed=seed)).save(png)
     log(f"{row['name']}: {json.dumps({k: v for k, v in row.items() if k != 'name'})}")
   with open(os.path.join(out, "report.json"), "w") as f:
@@ -206,9 +263,11 @@ def run(specs: Sequence[str], source, *, num_images: int, seed: int, out: str,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import ml_collections as mlc  # pylint: disable=g-import-not-at-top
+
   from mim_jax import config_lib  # pylint: disable=g-import-not-at-top
   from mim_jax.data import sources  # pylint: disable=g-import-not-at-top
-  import ml_collections as mlc  # pylint: disable=g-import-not-at-top
+
   f = flags.FLAGS
   if not f.out:
     print("error: --out is required", file=sys.stderr)
@@ -217,12 +276,14 @@ def main(argv):
   if not kind:
     npz = config_lib.shared_npz()
     kind, path = ("npz", npz) if npz else ("embedded", "")
-  cfg = mlc.ConfigDict({"source": kind, "path": path, "name": f.name, "split": split,
-                        "data_dir": "", "length": 1024})
+  cfg = mlc.ConfigDict(
+    {"source": kind, "path": path, "name": f.name, "split": split, "data_dir": "", "length": 1024}
+  )
   try:
     source = sources.build_source(cfg, split)
-    rows = run(f.tokenizer, source, num_images=f.num_images, seed=f.seed, out=f.out,
-               batch_size=f.batch_size)
+    rows = run(
+      f.tokenizer, source, num_images=f.num_images, seed=f.seed, out=f.out, batch_size=f.batch_size
+    )
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     sys.exit(2)

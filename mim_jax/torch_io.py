@@ -4,6 +4,7 @@
 argparse Namespace, MoCo v3's optimizer) fall back to a full unpickle with a warning, which
 is only safe for files the user trusts.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,11 +21,16 @@ def load_file(path: str, *, what: str, convert_hint: str = "") -> Any:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(f"reading the {what} {path} needs torch (pip install torch)"
-                      + (f"; or {convert_hint}" if convert_hint else "")) from e
+    raise ImportError(
+      f"reading the {what} {path} needs torch (pip install torch)"
+      + (f"; or {convert_hint}" if convert_hint else "")
+    ) from e
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError):
-    logging.warning("%s holds non-tensor objects; loading it with weights_only=False "
-                    "(only do this for files you trust)", path)
+    logging.warning(
+      "%s holds non-tensor objects; loading it with weights_only=False "
+      "(only do this for files you trust)",
+      path,
+    )
     return torch.load(path, map_location="cpu", weights_only=False)

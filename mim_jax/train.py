@@ -3,52 +3,47 @@ r"""The one trainer for every method.
   python -m mim_jax.train --config=configs/ccvit_vitb.py --workdir=/tmp/ccvit
   python -m mim_jax.train --config=configs/ccvit_vitb.py:runlocal --workdir=/tmp/smoke
 
-Sections: config checks -> mesh -> method + data -> sharded state -> restore -> jitted
-step -> loop (metrics, checkpoints, SIGTERM). Re-running the same command resumes from
-the newest checkpoint in --workdir, data-iterator position included.
+What is particular to pre-training lives here (config checks, the method plug-in, its
+state and step); the command line, checkpoints, the loop, preemption and the guards are
+mim_jax/runner.py's, shared with `mim_jax.evaluate`. Re-running the same command resumes
+from the newest intact checkpoint in --workdir, on any number of processes.
 """
+
 from __future__ import annotations
 
+from mim_jax import preemption
+
+preemption.install_if_main(__name__)  # SIGTERM is handled from the first line on
+# The handler must be in place before the slow imports below.
+# ruff: noqa: E402
+
 import json
-import logging as logging_std
 import os
-import signal
-import sys
-import time
 from typing import Any
 
 from absl import app
-from absl import flags
 from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 import optax
 
 from mim_jax import checkpoint as ckpt_lib
 from mim_jax import methods
-from mim_jax import metrics as metrics_lib
 from mim_jax import optim
+from mim_jax import runner
 from mim_jax import sharding
 from mim_jax.data import pipeline as data_pipeline
 from mim_jax.data import sources as data_sources
 from mim_jax.data import transforms
 from mim_jax.evaluation import monitor
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
-
-
-class ConfigError(ValueError):
-  """Bad user input, reported in one line before any compilation."""
+ConfigError = runner.ConfigError
 
 
 # --------------------------------------------------------------------------- config
-_POSITIVE_INTS = ("total_steps", "log_every", "checkpoint_every", "batch_size",
-                  "keep_checkpoints")
+_POSITIVE_INTS = ("total_steps", "log_every", "checkpoint_every", "batch_size", "keep_checkpoints")
 
 
 def validate_config(config) -> None:
@@ -64,13 +59,13 @@ def validate_config(config) -> None:
     if not isinstance(o.get(f), (int, float)) or isinstance(o.get(f), bool) or o.get(f) < 0:
       raise ConfigError(f"config.optim.{f} must be a non-negative number, got {o.get(f)!r}")
   if not isinstance(o.warmup_steps, int) or o.warmup_steps < 0:
-    raise ConfigError(f"config.optim.warmup_steps must be an integer >= 0, "
-                      f"got {o.warmup_steps!r}")
+    raise ConfigError(f"config.optim.warmup_steps must be an integer >= 0, got {o.warmup_steps!r}")
   if config.method.name not in methods.names():
-    raise ConfigError(f"config.method.name: unknown method {config.method.name!r}; "
-                      f"choose one of {methods.names()}")
+    raise ConfigError(
+      f"config.method.name: unknown method {config.method.name!r}; choose one of {methods.names()}"
+    )
   try:
-    methods.check(config)     # e.g. MaPeT's token cache: says how to prepare data + tokens
+    methods.check(config)  # e.g. MaPeT's token cache: says how to prepare data + tokens
     data_sources.validate_data_config(config.data)
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(str(e)) from e
@@ -79,32 +74,49 @@ def validate_config(config) -> None:
 def check_batch(config, mesh) -> None:
   dp = sharding.data_parallel_size(mesh)
   if config.batch_size % dp:
-    raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by the "
-                      f"data-parallel size {dp} (config.mesh {dict(mesh.shape)})")
+    raise ConfigError(
+      f"config.batch_size={config.batch_size} is not divisible by the "
+      f"data-parallel size {dp} (config.mesh {dict(mesh.shape)})"
+    )
   if config.batch_size % jax.process_count():
-    raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by the "
-                      f"{jax.process_count()} processes")
+    raise ConfigError(
+      f"config.batch_size={config.batch_size} is not divisible by the "
+      f"{jax.process_count()} processes"
+    )
 
 
 # --------------------------------------------------------------------------- data
-def make_loader(config, method, source):
+def make_loader(config, method, source, mesh=None):
+  """This process's rows of every global batch (the rows its devices hold under `mesh`)."""
   if hasattr(method, "wrap_source"):
     source = method.wrap_source(source)
   transform = transforms.TwoViewTransform.from_config(config.data)
   return data_pipeline.make_train_loader(
-      source, transform, method.prepare, global_batch_size=config.batch_size,
-      seed=config.seed, worker_count=config.data.worker_count)
+    source,
+    transform,
+    method.prepare,
+    global_batch_size=config.batch_size,
+    seed=config.seed,
+    worker_count=config.data.worker_count,
+    rows=runner.process_rows(mesh, config.batch_size) if mesh is not None else None,
+  )
 
 
 # --------------------------------------------------------------------------- state
 class Trainer:
-  """Holds the method, optimizer, mesh and shardings; builds state and the step."""
+  """Holds the method, optimizer, mesh and shardings; builds state and the step.
+
+  The state is {step, params, opt_state, rng, extra} (extra: the method's mutable
+  collections, e.g. EMA codebooks); the method's frozen inputs (`method.consts()`) travel
+  beside it and are never checkpointed (mim_jax/runner.py).
+  """
 
   def __init__(self, config, mesh, method):
     self.config, self.mesh, self.method = config, mesh, method
     scanned = "blocks" if config.model.scan_layers else None
-    self.tx, self.schedule = optim.make_optimizer(config.optim, config.total_steps,
-                                                  scanned_prefix=scanned)
+    self.tx, self.schedule = optim.make_optimizer(
+      config.optim, config.total_steps, scanned_prefix=scanned
+    )
     self.rules = sharding.rules_tuple(config.sharding_rules)
 
   def _split(self, variables):
@@ -120,92 +132,105 @@ class Trainer:
     params_abs, extra_abs = self._split(nn.unbox(boxed))
     params_sh, extra_sh = self._split(shardings)
     sharding.check_divisible(params_abs, params_sh)
-    repl = sharding.replicated(self.mesh)
-    opt_abs = jax.eval_shape(self.tx.init, params_abs)
-    opt_sh = optax.tree_map_params(
-        self.tx, lambda _, s: s, opt_abs, params_sh,
-        transform_non_params=lambda _: repl,
-        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    return runner.state_shardings(
+      self.tx, params_abs, params_sh, self.mesh, extra={"extra": (extra_abs, extra_sh)}
+    )
+
+  def frozen(self) -> tuple[Any, Any]:
+    """(frozen inputs placed on the mesh, their shardings): replicated."""
     consts = self.method.consts()
-    state_abs = dict(step=jax.ShapeDtypeStruct((), jnp.int32), params=params_abs,
-                     opt_state=opt_abs, rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
-                     extra=extra_abs,
-                     consts=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), consts))
-    state_sh = dict(step=repl, params=params_sh, opt_state=opt_sh, rng=repl, extra=extra_sh,
-                    consts=jax.tree.map(lambda _: repl, consts))
-    return state_abs, state_sh
+    frozen_sh = jax.tree.map(lambda _: sharding.replicated(self.mesh), consts)
+    return jax.device_put(consts, frozen_sh), frozen_sh
 
   def init_state(self, sample_batch, state_sh) -> dict:
-    consts = jax.device_put(self.method.consts(), state_sh["consts"])
     rng = jax.random.PRNGKey(self.config.seed)
 
-    def init(rng, consts):
-      params, extra = self._split(nn.unbox(self.method.init(jax.random.fold_in(rng, 1),
-                                                            sample_batch)))
-      return dict(step=jnp.zeros((), jnp.int32), params=params,
-                  opt_state=self.tx.init(params), rng=jax.random.fold_in(rng, 2),
-                  extra=extra, consts=consts)
+    def init(rng):
+      params, extra = self._split(
+        nn.unbox(self.method.init(jax.random.fold_in(rng, 1), sample_batch))
+      )
+      return dict(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=self.tx.init(params),
+        rng=jax.random.fold_in(rng, 2),
+        extra=extra,
+      )
 
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return jax.jit(init, out_shardings=state_sh)(rng, consts)
+      return jax.jit(init, out_shardings=state_sh)(rng)
 
-  def make_step(self, state_sh):
+  def step_fn(self):
+    """The pure step (state, frozen, batch) -> (state, metrics) that the runner jits."""
     method, tx, schedule = self.method, self.tx, self.schedule
 
-    def step_fn(state, batch):
+    def step_fn(state, frozen, batch):
       rng = jax.random.fold_in(state["rng"], state["step"])
 
       def loss_fn(params):
-        loss, metrics, new_extra = method.loss(params, state["extra"], state["consts"], batch,
-                                               rng, train=True)
+        loss, metrics, new_extra = method.loss(
+          params, state["extra"], frozen, batch, rng, train=True
+        )
         return loss, (metrics, new_extra)
 
-      (_, (metrics, new_extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          state["params"])
+      (_, (metrics, new_extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state["step"]))
-      new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state,
-                       extra=dict(state["extra"], **new_extra))
+      new_state = dict(
+        state,
+        step=state["step"] + 1,
+        params=params,
+        opt_state=opt_state,
+        extra=dict(state["extra"], **new_extra),
+      )
       return new_state, metrics
 
-    batch_sh = sharding.batch_sharding(self.mesh)
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
-                     out_shardings=(state_sh, sharding.replicated(self.mesh)),
-                     donate_argnums=(0,))
+    return step_fn
 
-    def run(state, batch):
-      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-        return jitted(state, batch)
+  def make_step(self, state_sh, frozen_sh):
+    """The jitted step alone (benchmarks): run(state, frozen, batch), run.lower(...)."""
+    jitted = jax.jit(
+      self.step_fn(),
+      in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(self.mesh)),
+      out_shardings=(state_sh, sharding.replicated(self.mesh)),
+      donate_argnums=(0,),
+    )
 
-    def lower(state, batch):   # for benchmarks: XLA's cost analysis of the compiled step
+    def run(state, frozen, batch):
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-        return jitted.lower(state, batch)
+        return jitted(state, frozen, batch)
+
+    def lower(state, frozen, batch):  # XLA's cost analysis of the compiled step
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        return jitted.lower(state, frozen, batch)
 
     run.lower = lower
     return run
 
 
-def _sample_batch(local: dict, mesh) -> dict:
-  """Global-shaped abstract batch from one local batch."""
-  n = jax.process_count()
-  return {k: jax.ShapeDtypeStruct((v.shape[0] * n,) + v.shape[1:], v.dtype)
-          for k, v in local.items()}
+_BATCH_KEYS = ("image", "image2", "mask", "replaced", "perm", "tokens", "label")
 
 
 def build_step_for_benchmark(config, batch_inputs: dict | None = None):
-  """(step_fn, state, batch) for benchmarks: the trainer's own jitted step on one batch.
+  """(step, state, frozen, batch) for benchmarks: the trainer's own jitted step on one batch;
+  call step(state, frozen, batch).
 
   `batch_inputs` maps names to numpy arrays with a leading batch axis (e.g. 'image',
   'image2', 'mask', 'replaced'); without it a batch is drawn from config.data.
   """
   mesh = sharding.make_mesh(config.mesh)
   config = config.copy_and_resolve_references()
-  if "tokenizer" in config and config.tokenizer.get("kind") == "centroids" \
-      and not config.tokenizer.path:
+  if (
+    "tokenizer" in config
+    and config.tokenizer.get("kind") == "centroids"
+    and not config.tokenizer.path
+  ):
     # Speed does not depend on the codebook's values: a random one avoids building it.
-    from mim_jax.tokenizers import centroids as centroid_lib  # pylint: disable=g-import-not-at-top
     import tempfile  # pylint: disable=g-import-not-at-top
+
+    from mim_jax.tokenizers import centroids as centroid_lib  # pylint: disable=g-import-not-at-top
+
     patch = int(config.model.variant.split("/")[1])
     rand = np.random.default_rng(0).random((config.tokenizer.k, 3 * patch * patch), np.float32)
     path = os.path.join(tempfile.mkdtemp(), "random_centroids")
@@ -215,32 +240,43 @@ def build_step_for_benchmark(config, batch_inputs: dict | None = None):
   method = methods.build(config, workdir=None, source=None)
   if batch_inputs is None:
     source = data_sources.build_source(config.data)
-    batch_inputs = next(iter(make_loader(config, method, source)))
-  batch_inputs = {k: np.asarray(v) for k, v in batch_inputs.items()
-                  if k in ("image", "image2", "mask", "replaced", "perm", "tokens", "label")}
+    with make_loader(config, method, source) as loader:
+      batch_inputs = next(iter(loader))
+  batch_inputs = {k: np.asarray(v) for k, v in batch_inputs.items() if k in _BATCH_KEYS}
   trainer = Trainer(config, mesh, method)
-  sample = _sample_batch(batch_inputs, mesh)
+  sample = runner.global_sample(batch_inputs)
   _, state_sh = trainer.abstract_state(sample)
   state = trainer.init_state(sample, state_sh)
-  return trainer.make_step(state_sh), state, sharding.global_batch(batch_inputs, mesh)
+  frozen, frozen_sh = trainer.frozen()
+  return (
+    trainer.make_step(state_sh, frozen_sh),
+    state,
+    frozen,
+    sharding.global_batch(batch_inputs, mesh),
+  )
 
 
-# --------------------------------------------------------------------------- loop
+# --------------------------------------------------------------------------- the run
 def _write_png(path: str, image: np.ndarray) -> None:
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   tmp = path + ".tmp.png"
   Image.fromarray(image).save(tmp)
   os.replace(tmp, path)
 
 
-def _check_finite(step, scalars, ckpt, workdir):
-  bad = {k: v for k, v in scalars.items() if k in ("loss", "grad_norm") and not np.isfinite(v)}
-  if bad:
-    last = ckpt.latest_step()
-    where = (f"the last good checkpoint (step {last}) is kept in {ckpt.directory}"
-             if last is not None else f"no checkpoint was written in {workdir}")
-    raise FloatingPointError(f"non-finite {bad} at step {step}: stopping; {where}. "
-                             "Lower config.optim.lr or check the data.")
+def _visualize(method, workdir, state, frozen, batch, step):
+  if jax.process_index() != 0 or not hasattr(method, "visualize"):
+    return
+  if not all(x.is_fully_addressable for x in jax.tree.leaves(state["params"])):
+    logging.info("visualisation skipped: parameters are spread over several hosts")
+    return
+  local = {k: np.asarray(v.addressable_data(0)) for k, v in batch.items()}
+  image = method.visualize(jax.device_get(state["params"]), state["extra"], frozen, local)
+  if image is not None:
+    path = os.path.join(workdir, "visualization.png")
+    _write_png(path, image)
+    logging.info("wrote %s (step %d)", path, step)
 
 
 def _setup(config, workdir):
@@ -248,23 +284,23 @@ def _setup(config, workdir):
   validate_config(config)
   if config.get("knn_monitor"):
     monitor.validate(config)
-  if config.distributed:
-    jax.distributed.initialize()
+  runner.setup_distributed(config)
   mesh = sharding.make_mesh(config.mesh)
   check_batch(config, mesh)
   os.makedirs(workdir, exist_ok=True)
   source = data_sources.build_source(config.data)
   method = methods.build(config, workdir=workdir, source=source)
   ckpt_lib.check_config_compatible(workdir, method.fingerprint())
-  loader = make_loader(config, method, source)
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
-                               async_save=config.async_checkpointing)
+  loader = make_loader(config, method, source, mesh)
   ckpt_lib.write_config(workdir, config.to_json_best_effort(), method.fingerprint())
-  logging.info("mesh %s, %d process(es), %d device(s)", dict(mesh.shape), jax.process_count(),
-               jax.device_count())
-  it = iter(loader)
-  first = next(it)   # decodes real data before compiling: bad files fail fast
-  return mesh, method, loader, ckpt, it, first
+  logging.info(
+    "mesh %s, %d process(es), %d device(s)",
+    dict(mesh.shape),
+    jax.process_count(),
+    jax.device_count(),
+  )
+  first = next(iter(loader))  # decodes real data before compiling
+  return mesh, method, loader, first
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -272,168 +308,56 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # 1. Everything that can be wrong with the user's input, checked before heavy work:
   # a ValueError raised before the first batch is decoded is a (named) input problem.
   try:
-    mesh, method, loader, ckpt, it, first = _setup(config, workdir)
-  except ckpt_lib.IncompatibleCheckpointError:
+    mesh, method, loader, first = _setup(config, workdir)
+    fingerprint = method.frozen_fingerprint() if hasattr(method, "frozen_fingerprint") else {}
+  except (ckpt_lib.IncompatibleCheckpointError, runner.ConfigError):
     raise
   except (ValueError, FileNotFoundError) as e:
-    raise ConfigError(str(e).splitlines()[0] if str(e) else repr(e)) from e
-  latest = ckpt.latest_step()
+    raise runner.ConfigError(str(e).splitlines()[0] if str(e) else repr(e)) from e
 
-  # 2. Model and optimizer state, created already sharded (or restored).
+  # 2. What differs from evaluation: the method's state, frozen inputs and step.
   trainer = Trainer(config, mesh, method)
-  sample = _sample_batch(first, mesh)
+  sample = runner.global_sample(first)
   state_abs, state_sh = trainer.abstract_state(sample)
-  if latest is not None:
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            state_abs, state_sh)
-    state, data_state = ckpt.restore(latest, abstract)
-    if data_state is not None:
-      loader.set_state(data_state)
-      it = iter(loader)
-    first = None
-    logging.info("resumed from %s/%d", ckpt.directory, latest)
-  else:
-    state = trainer.init_state(sample, state_sh)
-    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    logging.info("initialised %.2fM parameters", n_params / 1e6)
-  step_fn = trainer.make_step(state_sh)
-  knn_monitor = (monitor.KnnMonitor(config, mesh, method)
-                 if config.get("knn_monitor") and config.knn_monitor.every else None)
-
-  # 3. The loop.
-  stop = {"sig": None}
-
-  def on_signal(signum, _):
-    stop["sig"] = signum
-
-  old_handler = signal.signal(signal.SIGTERM, on_signal)
-  step = int(jax.device_get(state["step"]))
-  writer = metrics_lib.MetricLogger(workdir, config.total_steps)
-  last_row, batch = {}, None
+  frozen, frozen_sh = trainer.frozen()
+  knn_monitor = (
+    monitor.KnnMonitor(config, mesh, method)
+    if config.get("knn_monitor") and config.knn_monitor.every
+    else None
+  )
+  vis = lambda state, frozen, batch, step: _visualize(method, workdir, state, frozen, batch, step)
+  job = runner.Job(
+    config=config,
+    workdir=workdir,
+    mesh=mesh,
+    rules=trainer.rules,
+    state_abs=state_abs,
+    state_sh=state_sh,
+    init_state=lambda: trainer.init_state(sample, state_sh),
+    step=trainer.step_fn(),
+    loader=loader,
+    images_per_step=config.batch_size,
+    frozen=frozen,
+    frozen_sh=frozen_sh,
+    frozen_fingerprint=fingerprint,
+    on_log=(lambda step, state: knn_monitor(state["params"])) if knn_monitor else None,
+    log_hook_every=knn_monitor.every if knn_monitor else 0,
+    on_vis=vis,
+    vis_every=config.vis_every,
+    at_end=None if config.vis_every else vis,
+  )
   try:
-    writer.mark(step)
-    while step < config.total_steps:
-      local = first if first is not None else next(it)
-      first = None
-      batch = sharding.global_batch(local, mesh)
-      state, metrics = step_fn(state, batch)
-      step += 1
-      is_last = step == config.total_steps
-      stopping = stop["sig"] is not None   # one snapshot: a signal can land at any line
-      save_now = step % config.checkpoint_every == 0 or is_last or stopping
-      log_now = step % config.log_every == 0 or is_last
-      knn_now = knn_monitor is not None and (step % knn_monitor.every == 0 or is_last)
-      if log_now or save_now or knn_now:
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(step, scalars, ckpt, workdir)   # never checkpoint a NaN state
-        if knn_now:
-          t0 = time.time()
-          scalars.update(knn_monitor(state["params"]))
-          writer.pause(time.time() - t0)
-          log_now = True
-        if log_now:
-          last_row = writer.write(step, scalars, images_per_step=config.batch_size)
-      if config.vis_every and step % config.vis_every == 0:
-        _visualize(method, state, batch, workdir, step)
-      if save_now:
-        ckpt.save(step, state, loader_state(it), force=stopping)
-      if stopping:
-        ckpt.wait()   # the process is about to end: the write must be complete
-        logging.warning("signal %d: saved step %d in %s, exiting", stop["sig"], step,
-                        ckpt.directory)
-        break
-    if batch is not None and stop["sig"] is None and not config.vis_every:
-      _visualize(method, state, batch, workdir, step)
+    return runner.run(job)
   finally:
-    ckpt.close()
-    writer.close()
-    signal.signal(signal.SIGTERM, old_handler)
-  return last_row
-
-
-def loader_state(it) -> str:
-  state = it.get_state()
-  return state.decode() if isinstance(state, bytes) else state
-
-
-def _visualize(method, state, batch, workdir, step):
-  if jax.process_index() != 0 or not hasattr(method, "visualize"):
-    return
-  if not all(x.is_fully_addressable for x in jax.tree.leaves(state["params"])):
-    logging.info("visualisation skipped: parameters are spread over several hosts")
-    return
-  local = {k: np.asarray(v.addressable_data(0)) for k, v in batch.items()}
-  image = method.visualize(jax.device_get(state["params"]), state["extra"], state["consts"],
-                           local)
-  if image is not None:
-    path = os.path.join(workdir, "visualization.png")
-    _write_png(path, image)
-    logging.info("wrote %s (step %d)", path, step)
+    loader.close()
 
 
 # --------------------------------------------------------------------------- CLI
-def _one_line(e: BaseException) -> str:
-  """First and last lines of a multi-line message (config_flags nests the cause)."""
-  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-  return " ".join(lines[:1] + lines[-1:]) if len(lines) > 1 else (lines or [repr(e)])[0]
-
-
-def _parse_flags(argv):
-  """absl flag parsing whose errors (bad config field/type) are one line, not a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
-  except (AttributeError, KeyError) as e:
-    # ml_collections raises these (not flags.Error) for an override of an unknown field.
-    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    print(f"error: unknown config field {str(e).strip(chr(34))} "
-          f"(one of {', '.join(bad)})", file=sys.stderr)
-  except (ValueError, TypeError) as e:
-    print(f"error: config: {str(e).splitlines()[0]}", file=sys.stderr)
-  sys.exit(2)
-
-
-class _QuietOrbax(logging_std.Filter):
-  """orbax logs every save/restore detail at INFO; keep its warnings and errors only."""
-
-  def filter(self, record):
-    return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
-
-
-def run_cli(argv, fn):
-  """The shared body of `python -m mim_jax.train` / `mim_jax.evaluate`: reads --config and
-  --workdir and returns fn(config, workdir); configuration problems end in a one-line error
-  and exit 2, a non-finite loss in exit 3."""
-  logging.get_absl_handler().addFilter(_QuietOrbax())
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    config = _CONFIG.value
-    if config is not None:
-      config.keys()   # a config file that failed to load raises only when touched
-  except (OSError, ValueError) as e:   # config_flags loads the file lazily
-    print(f"error: --config: {_one_line(e)}", file=sys.stderr)
-    sys.exit(2)
-  for name, value in (("--workdir", _WORKDIR.value), ("--config", config)):
-    if value is None:
-      print(f"error: {name} is required", file=sys.stderr)
-      sys.exit(2)
-  try:
-    return fn(config, _WORKDIR.value)
-  except (ConfigError, ckpt_lib.IncompatibleCheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except FloatingPointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(3)
-
-
 def main(argv):
-  row = run_cli(argv, train_and_evaluate)
+  row = runner.run_cli(argv, train_and_evaluate)
   if row:
     logging.info("done: %s", json.dumps(row))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=runner.parse_flags)

@@ -3,6 +3,7 @@
 XLA_FLAGS must be set before JAX is first imported, so it lives here. Tests that
 need one device build a one-device mesh explicitly.
 """
+
 import os
 import sys
 
@@ -15,7 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import train_util  # noqa: E402  (tests/ is on sys.path for conftest and test modules)
 
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
@@ -33,6 +36,17 @@ def torch_ref():
   """Imports torch + timm with the torchvision shim; returns the torch module."""
   torch = pytest.importorskip("torch", reason="torch is a test extra (pip install -e .[test])")
   from mim_jax.testing import torch_compat
+
   torch_compat.install()
   torch.set_num_threads(2)
   return torch
+
+
+@pytest.fixture(scope="session")
+def tiny_npz(tmp_path_factory):
+  """96 smooth 16 px images in 4 classes: the trainer tests' data (train_util.tiny_flags)."""
+  path = tmp_path_factory.mktemp("data") / "tiny.npz"
+  x = train_util.smooth_images(96, 16, 0)
+  y = np.arange(96, dtype=np.int32) % 4
+  np.savez(path, x_train=x, y_train=y, x_test=x[:16], y_test=y[:16])
+  return str(path)

@@ -1,6 +1,7 @@
-"""BEiT v2 (reference §1): the patch-aggregation head's inputs (layer-l patches + the final
-cls), the shared final norm and LM head, the loss on masked positions only, targets from a
-tokenizer online or from a token cache, and the recipe of configs/beitv2_vitb.py."""
+"""BEiT v2 (microsoft/unilm:beit2): the patch-aggregation head's inputs (layer-l patches +
+the final cls), the shared final norm and LM head, the loss on masked positions only, targets
+from a tokenizer online or from a token cache, and the recipe of configs/beitv2_vitb.py."""
+
 import os
 
 import flax.linen as nn
@@ -12,7 +13,7 @@ import pytest
 from mim_jax import config_lib
 from mim_jax import methods
 from mim_jax.methods import beitv2
-from mim_jax.methods import ccvit
+from mim_jax.methods import common
 from mim_jax.models import vit
 from mim_jax.tokenizers import cache as cache_lib
 from mim_jax.tokenizers import centroids as centroid_lib
@@ -22,20 +23,21 @@ KW = dict(patch_size=PATCH, embed_dim=32, depth=3, num_heads=2, layer_scale_init
 
 
 def _model(shared=True):
-  return beitv2.BEiTv2Model(KW, vocab_size=K, early_layers=2, head_layers=2,
-                            shared_lm_head=shared)
+  return beitv2.BEiTv2Model(KW, vocab_size=K, early_layers=2, head_layers=2, shared_lm_head=shared)
 
 
 def _random_params(model, images, mask, select, seed=0):
   """Every weight drawn away from its init (zero tables, unit norms would hide wiring)."""
-  shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, mask,
-                                                      select)))["params"]
+  shapes = nn.unbox(
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, mask, select))
+  )["params"]
   rs = np.random.RandomState(seed)
 
   def draw(path, s):
     if path[-1].key == "scale":
       return (1 + 0.2 * rs.randn(*s.shape)).astype(np.float32)
     return (0.2 * rs.randn(*s.shape)).astype(np.float32)
+
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
@@ -45,7 +47,7 @@ def _inputs(b=2, seed=0):
   mask = np.zeros((b, 16), bool)
   for i in range(b):
     mask[i, rng.permutation(16)[:6]] = True
-  select = ccvit.selected_positions(jnp.asarray(mask), 6)
+  select = common.selected_positions(jnp.asarray(mask), 6)
   return images, jnp.asarray(mask), select
 
 
@@ -58,30 +60,38 @@ def test_aggregation_reads_layer_l_patches_and_final_cls_through_the_shared_head
 
   # Re-derivation from the parts: backbone (no final norm), its layer-2 output and final
   # cls, two blocks with the shared bias, then the one norm and the one lm_head.
-  backbone = vit.VisionTransformer(**KW, use_mask_token=True, rel_pos="shared", abs_pos="none",
-                                   final_norm=False)
+  backbone = vit.VisionTransformer(
+    **KW, use_mask_token=True, rel_pos="shared", abs_pos="none", final_norm=False
+  )
   out = backbone.apply({"params": params["backbone"]}, images, mask=mask, return_layers=(2,))
   norm = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False)
   head = nn.Dense(K)
-  apply_head = lambda x: head.apply({"params": params["lm_head"]},
-                                    norm.apply({"params": params["norm"]}, x))
+  apply_head = lambda x: head.apply(
+    {"params": params["lm_head"]}, norm.apply({"params": params["norm"]}, x)
+  )
   take = lambda x: jnp.take_along_axis(x, select[..., None], axis=1)
-  np.testing.assert_allclose(logits, apply_head(take(out["last"][:, 1:])), rtol=1e-4,
-                             atol=1e-4)
+  np.testing.assert_allclose(logits, apply_head(take(out["last"][:, 1:])), rtol=1e-4, atol=1e-4)
   x = jnp.concatenate([out["last"][:, :1], out["layers"][2][:, 1:]], axis=1)
   for i in range(2):
     blk = vit.Block(dim=32, num_heads=2, layer_scale_init=0.1)
-    x = blk.apply({"params": params[f"cls_pt_block_{i}"]}, x,
-                  rel_pos_bias=out["rel_pos_bias"])
+    x = blk.apply({"params": params[f"cls_pt_block_{i}"]}, x, rel_pos_bias=out["rel_pos_bias"])
   np.testing.assert_allclose(agg, apply_head(take(x[:, 1:])), rtol=1e-4, atol=1e-4)
 
   # ... and not the layer-1 patches (a wiring test that could fail).
-  x_wrong = jnp.concatenate([out["last"][:, :1], out["layers"][2][:, 1:] * 0 +
-                             backbone.apply({"params": params["backbone"]}, images, mask=mask,
-                                            return_layers=(1,))["layers"][1][:, 1:]], axis=1)
+  x_wrong = jnp.concatenate(
+    [
+      out["last"][:, :1],
+      out["layers"][2][:, 1:] * 0
+      + backbone.apply({"params": params["backbone"]}, images, mask=mask, return_layers=(1,))[
+        "layers"
+      ][1][:, 1:],
+    ],
+    axis=1,
+  )
   for i in range(2):
     x_wrong = vit.Block(dim=32, num_heads=2, layer_scale_init=0.1).apply(
-        {"params": params[f"cls_pt_block_{i}"]}, x_wrong, rel_pos_bias=out["rel_pos_bias"])
+      {"params": params[f"cls_pt_block_{i}"]}, x_wrong, rel_pos_bias=out["rel_pos_bias"]
+    )
   assert np.abs(np.asarray(apply_head(take(x_wrong[:, 1:]))) - np.asarray(agg)).max() > 1e-3
 
 
@@ -93,21 +103,24 @@ def test_norm_and_lm_head_are_shared_unless_asked_otherwise():
   for name in ("norm", "lm_head"):
     bumped = dict(params, **{name: jax.tree.map(lambda v: v + 0.3, params[name])})
     moved = model.apply({"params": bumped}, images, mask, select)
-    for before, after in zip(base, moved):   # both branches move with the one module
+    for before, after in zip(base, moved):  # both branches move with the one module
       assert np.abs(np.asarray(after) - np.asarray(before)).max() > 1e-3, name
   own = _model(shared=False)
   own_params = _random_params(own, images, mask, select)
   assert {"cls_pt_norm", "cls_pt_lm_head"} <= set(own_params)
   bumped = dict(own_params, lm_head=jax.tree.map(lambda v: v + 0.3, own_params["lm_head"]))
-  a, b = own.apply({"params": own_params}, images, mask, select), own.apply(
-      {"params": bumped}, images, mask, select)
+  a, b = (
+    own.apply({"params": own_params}, images, mask, select),
+    own.apply({"params": bumped}, images, mask, select),
+  )
   np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
 
 
 def _codebook(tmp_path) -> str:
   rng = np.random.default_rng(0)
-  tok = centroid_lib.CentroidTokenizer(rng.random((K, 3 * PATCH * PATCH)).astype(np.float32),
-                                       PATCH, metadata={"image_size": SIZE})
+  tok = centroid_lib.CentroidTokenizer(
+    rng.random((K, 3 * PATCH * PATCH)).astype(np.float32), PATCH, metadata={"image_size": SIZE}
+  )
   path = str(tmp_path / "centroids")
   tok.save(path)
   return path
@@ -131,8 +144,10 @@ def _config(tmp_path, **over):
 def _batch(method, seed=0, b=2):
   rng = np.random.default_rng(seed)
   img = rng.integers(0, 256, (b, SIZE, SIZE, 3), dtype=np.uint8)
-  examples = [method.prepare({"image": img[i], "image2": img[i].copy()},
-                             np.random.default_rng(seed + i)) for i in range(b)]
+  examples = [
+    method.prepare({"image": img[i], "image2": img[i].copy()}, np.random.default_rng(seed + i))
+    for i in range(b)
+  ]
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
@@ -142,34 +157,42 @@ def test_loss_is_cross_entropy_on_masked_positions_only(tmp_path):
   variables = method.init(jax.random.PRNGKey(0), batch)
   params = nn.unbox(variables)["params"]
   consts = method.consts()
-  loss, metrics, _ = method.loss(params, {}, consts, jax.tree.map(jnp.asarray, batch), None,
-                                 train=False)
-  np.testing.assert_allclose(float(loss), float(metrics["loss_main"] + metrics["loss_agg"]),
-                             rtol=1e-6)
+  loss, metrics, _ = method.loss(
+    params, {}, consts, jax.tree.map(jnp.asarray, batch), None, train=False
+  )
+  np.testing.assert_allclose(
+    float(loss), float(metrics["loss_main"] + metrics["loss_agg"]), rtol=1e-6
+  )
   # Tokens of unmasked patches do not matter: change the tokenizer's view there only.
   p = PATCH
   changed = dict(batch, image2=batch["image2"].copy())
   for i in range(2):
     for pos in np.flatnonzero(~batch["mask"][i]):
       r, c = divmod(int(pos), SIZE // p)
-      changed["image2"][i, r * p:(r + 1) * p, c * p:(c + 1) * p] = 255 - \
-          changed["image2"][i, r * p:(r + 1) * p, c * p:(c + 1) * p]
-  loss2, _, _ = method.loss(params, {}, consts, jax.tree.map(jnp.asarray, changed), None,
-                            train=False)
+      changed["image2"][i, r * p : (r + 1) * p, c * p : (c + 1) * p] = (
+        255 - changed["image2"][i, r * p : (r + 1) * p, c * p : (c + 1) * p]
+      )
+  loss2, _, _ = method.loss(
+    params, {}, consts, jax.tree.map(jnp.asarray, changed), None, train=False
+  )
   assert float(loss2) == pytest.approx(float(loss), abs=1e-6)
   # ... while those of masked patches do.
   flipped = dict(batch, image2=255 - batch["image2"])
-  loss3, _, _ = method.loss(params, {}, consts, jax.tree.map(jnp.asarray, flipped), None,
-                            train=False)
+  loss3, _, _ = method.loss(
+    params, {}, consts, jax.tree.map(jnp.asarray, flipped), None, train=False
+  )
   assert abs(float(loss3) - float(loss)) > 1e-3
   # The reference: mean CE over the masked positions of each branch, in NumPy.
-  logits, agg, targets = method.forward(params, consts, jax.tree.map(jnp.asarray, batch), None,
-                                        False)
+  logits, agg, targets = method.forward(
+    params, consts, jax.tree.map(jnp.asarray, batch), None, False
+  )
+
   def ce(z):
     z = np.asarray(z, np.float64)
     z = z - z.max(-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
     return -np.take_along_axis(logp, np.asarray(targets)[..., None], -1).mean()
+
   np.testing.assert_allclose(float(metrics["loss_main"]), ce(logits), rtol=1e-5)
   np.testing.assert_allclose(float(metrics["loss_agg"]), ce(agg), rtol=1e-5)
   assert method.encoder_params(params).keys() >= {"patch_embed", "blocks_0", "norm"}
@@ -181,12 +204,26 @@ def test_token_cache_targets_equal_online_targets(tmp_path):
   images = np.random.default_rng(3).integers(0, 256, (6, SIZE, SIZE, 3), dtype=np.uint8)
   ids = np.asarray(tok.tokenize(images))
   d = str(tmp_path / "cache")
-  cache_lib.write(d, num_examples=6, fingerprint=tok.fingerprint(),
-                  source_info={"source": "test", "split": "train", "length": 6},
-                  tokenize_chunk=lambda a, b: ids[a:b], chunk_size=4, log=lambda _: None)
-  cached = methods.build(_config(tmp_path, **{
-      "tokenizer.cache": d, "data.crop_scale": (1.0, 1.0), "data.crop_ratio": (1.0, 1.0),
-      "data.hflip": False}))
+  cache_lib.write(
+    d,
+    num_examples=6,
+    fingerprint=tok.fingerprint(),
+    source_info={"source": "test", "split": "train", "length": 6},
+    tokenize_chunk=lambda a, b: ids[a:b],
+    chunk_size=4,
+    log=lambda _: None,
+  )
+  cached = methods.build(
+    _config(
+      tmp_path,
+      **{
+        "tokenizer.cache": d,
+        "data.crop_scale": (1.0, 1.0),
+        "data.crop_ratio": (1.0, 1.0),
+        "data.hflip": False,
+      },
+    )
+  )
   assert not cached.targets.online and cached.consts() == {}
 
   class Source:
@@ -201,8 +238,9 @@ def test_token_cache_targets_equal_online_targets(tmp_path):
   assert "image2" not in ex
   np.testing.assert_array_equal(ex["tokens"], ids[4])
   batch = {"image2": jnp.asarray(images[:2]), "tokens": jnp.asarray(ids[:2])}
-  np.testing.assert_array_equal(np.asarray(cached.targets({}, batch)),
-                                np.asarray(online.targets(online.consts(), batch)))
+  np.testing.assert_array_equal(
+    np.asarray(cached.targets({}, batch)), np.asarray(online.targets(online.consts(), batch))
+  )
   with pytest.raises(cache_lib.CacheMismatchError, match="crop_scale"):
     methods.build(_config(tmp_path, **{"tokenizer.cache": d}))
 
@@ -231,8 +269,9 @@ def test_peco_mim_is_beit_style_without_aggregation(tmp_path):
   assert (c.method.name, c.method.head_layers, c.tokenizer.kind) == ("peco_mim", 0, "peco")
   assert c.batch_size == 2048 and tuple(c.data.crop_scale) == (0.08, 1.0)
   assert config_lib.load_config("peco_vitl").model.variant == "L/16"
-  small = _config(tmp_path, **{"method.name": "peco_mim", "method.head_layers": 0,
-                               "method.early_layers": 0})
+  small = _config(
+    tmp_path, **{"method.name": "peco_mim", "method.head_layers": 0, "method.early_layers": 0}
+  )
   method = methods.build(small)
   batch = jax.tree.map(jnp.asarray, _batch(method))
   params = nn.unbox(method.init(jax.random.PRNGKey(0), batch))["params"]

@@ -1,6 +1,7 @@
-"""CAE v2 (reference §5): the encoder never sees masked patches, positions enter queries
+"""CAE v2 (Atten4Vis/CAE, caev2): the encoder never sees masked patches, positions enter queries
 and keys but never values, the loss covers all 1 + N tokens in [cls, visible, masked] order
 against the teacher's tokens, xavier init, and the per-size recipe."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import pytest
 from mim_jax import config_lib
 from mim_jax import methods
 from mim_jax.methods import caev2
+from mim_jax.models import convert
 
 SIZE, PATCH = 16, 4
 
@@ -18,8 +20,7 @@ def _config(**over):
   c = config_lib.load_config("caev2_vitb", "runlocal")
   c.data.image_size = c.data.second_image_size = SIZE
   c.model.variant, c.model.width, c.model.depth, c.model.heads = "T/4", 32, 2, 2
-  c.method.update(num_masked=6, min_block=2, regressor_dim=32, regressor_heads=2,
-                  regressor_depth=2)
+  c.method.update(num_masked=6, min_block=2, regressor_dim=32, regressor_heads=2, regressor_depth=2)
   c.teacher.random_init = f"random:ViT-B/16,width=32,layers=1,patch_size={PATCH},image_size={SIZE}"
   for k, v in over.items():
     node = c
@@ -33,8 +34,10 @@ def _config(**over):
 def _batch(method, seed=0):
   rng = np.random.default_rng(seed)
   img = rng.integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
-  ex = [method.prepare({"image": img[i], "image2": img[i].copy()}, np.random.default_rng(i))
-        for i in range(2)]
+  ex = [
+    method.prepare({"image": img[i], "image2": img[i].copy()}, np.random.default_rng(i))
+    for i in range(2)
+  ]
   return {k: np.stack([e[k] for e in ex]) for k in ex[0]}
 
 
@@ -42,8 +45,7 @@ def _batch(method, seed=0):
 def setup():
   method = methods.build(_config())
   batch = _batch(method)
-  params = nn.unbox(method.init(jax.random.PRNGKey(0), jax.tree.map(jnp.asarray, batch)))[
-      "params"]
+  params = nn.unbox(method.init(jax.random.PRNGKey(0), jax.tree.map(jnp.asarray, batch)))["params"]
   return method, batch, params
 
 
@@ -77,18 +79,22 @@ def test_positions_enter_queries_and_keys_but_not_values():
   x_q, kv = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 3, 16), (2, 7, 16)))
   pos_q, pos_k = jnp.asarray(rng.normal(size=(2, 3, 16))), jnp.asarray(rng.normal(size=(2, 7, 16)))
   params = block.init(jax.random.PRNGKey(0), x_q, kv, pos_q, pos_k)["params"]
-  params = jax.tree.map(lambda v: v + 0.1 * jnp.asarray(rng.normal(size=v.shape), v.dtype),
-                        nn.unbox(params))
+  params = jax.tree.map(
+    lambda v: v + 0.1 * jnp.asarray(rng.normal(size=v.shape), v.dtype), nn.unbox(params)
+  )
   out = block.apply({"params": params}, x_q, kv, pos_q, pos_k)
   # (random shifts: a constant one would vanish in LN_k's mean subtraction)
   shift_q, shift_k = (jnp.asarray(rng.normal(size=t.shape), jnp.float32) for t in (pos_q, pos_k))
   moved = block.apply({"params": params}, x_q, kv, pos_q, pos_k + shift_k)
-  assert np.abs(np.asarray(out) - np.asarray(moved)).max() > 1e-4   # keys carry positions
+  assert np.abs(np.asarray(out) - np.asarray(moved)).max() > 1e-4  # keys carry positions
   # With the key projection zeroed, attention is uniform whatever the positions: the output
   # can then depend on pos_k only through the values, and it does not.
   flat = jax.tree_util.tree_map_with_path(
-      lambda p, v: v * 0 if "/".join(str(getattr(k, "key", k)) for k in p).endswith(
-          "cross_attn/k/kernel") else v, params)
+    lambda p, v: (
+      v * 0 if "/".join(str(getattr(k, "key", k)) for k in p).endswith("cross_attn/k/kernel") else v
+    ),
+    params,
+  )
   a = block.apply({"params": flat}, x_q, kv, pos_q, pos_k)
   b = block.apply({"params": flat}, x_q, kv, pos_q + shift_q, pos_k + shift_k)
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
@@ -101,11 +107,13 @@ def test_loss_covers_every_token_in_cls_visible_masked_order(setup):
   pred, target = method.forward(params, consts, jb, None, False)
   assert pred.shape == (2, 1 + 16, 512) and target.shape == pred.shape
   np.testing.assert_allclose(np.linalg.norm(np.asarray(pred), axis=-1), 1.0, rtol=1e-5)
-  tokens = np.asarray(method.teacher.apply_tokens(consts["teacher"],
-                                                  batch["image2"].astype(np.float32) / 255))
+  tokens = np.asarray(
+    method.teacher.apply_tokens(consts["teacher"], batch["image2"].astype(np.float32) / 255)
+  )
   for i in range(2):
-    order = np.concatenate([[0], np.flatnonzero(~batch["mask"][i]) + 1,
-                            np.flatnonzero(batch["mask"][i]) + 1])
+    order = np.concatenate(
+      [[0], np.flatnonzero(~batch["mask"][i]) + 1, np.flatnonzero(batch["mask"][i]) + 1]
+    )
     np.testing.assert_allclose(np.asarray(target[i]), tokens[i][order], rtol=1e-5, atol=1e-6)
   loss, metrics, _ = method.loss(params, {}, consts, jb, None, train=False)
   p, t = np.asarray(pred, np.float64), np.asarray(target, np.float64)
@@ -120,18 +128,26 @@ def test_xavier_init_and_encoder_params(setup):
   bound = np.sqrt(6.0 / (k.shape[0] + k.shape[1]))
   assert np.abs(k).max() <= bound and abs(k.std() - bound / np.sqrt(3)) < 0.1 * bound
   assert not np.any(np.asarray(params["regressor_0"]["cross_attn"]["proj"]["bias"]))
-  assert "pos_embed" not in params["backbone"]        # fixed sin-cos, not a parameter
+  assert "pos_embed" not in params["backbone"]  # fixed sin-cos, not a parameter
   assert set(method.encoder_params(params)) >= {"patch_embed", "cls_token", "norm"}
 
 
 def test_recipe_per_size_and_errors():
-  want = {"t": (30, 1, 96, 12), "s": (49, 1, 384, 12), "b": (98, 4, 768, 12),
-          "l": (118, 4, 1024, 16)}
+  want = {
+    "t": (30, 1, 96, 12),
+    "s": (49, 1, 384, 12),
+    "b": (98, 4, 768, 12),
+    "l": (118, 4, 1024, 16),
+  }
   for v, (masked, depth, width, heads) in want.items():
     c = config_lib.load_config(f"caev2_vit{v}")
     m = c.method
     assert (m.num_masked, m.regressor_depth, m.regressor_dim, m.regressor_heads) == (
-        masked, depth, width, heads), v
+      masked,
+      depth,
+      width,
+      heads,
+    ), v
   assert config_lib.load_config("caev2_vitt").model.heads == 12
   assert config_lib.load_config("caev2_vitl").data.second_image_size == 196
   c = config_lib.load_config("caev2_vitb")
@@ -140,3 +156,17 @@ def test_recipe_per_size_and_errors():
     methods.build(c)
   with pytest.raises(ValueError, match="grid mismatch"):
     methods.build(_config(**{"data.second_image_size": 32}))
+
+
+def test_scanned_rematerialised_encoder_gives_the_same_loss(setup):
+  """model.scan_layers / model.remat act on the encoder's blocks (the regressor stays
+  unrolled): the same weights, stacked, give the same loss."""
+  method, batch, params = setup
+  jb = jax.tree.map(jnp.asarray, batch)
+  ref = method.loss(params, {}, method.consts(), jb, None, train=False)[0]
+  scanned = methods.build(_config(**{"model.scan_layers": True, "model.remat": True}))
+  stacked = dict(params, backbone=convert.stack_layers(params["backbone"]))
+  shapes = nn.unbox(jax.eval_shape(scanned.init, jax.random.PRNGKey(0), jb))["params"]
+  assert jax.tree.structure(shapes) == jax.tree.structure(stacked)
+  got = scanned.loss(stacked, {}, scanned.consts(), jb, None, train=False)[0]
+  np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)

@@ -1,4 +1,7 @@
-"""CCViT fidelity: corruption, pixel targets, loss positions, pixel-block wiring (§4)."""
+"""CCViT fidelity (Cakeyan/CCViT_Public): corruption, pixel targets, loss positions,
+pixel-block wiring, the codebook fingerprint."""
+
+import os
 
 import flax.linen as nn
 import jax
@@ -9,7 +12,7 @@ import pytest
 
 from mim_jax import config_lib
 from mim_jax import methods
-from mim_jax.methods import ccvit
+from mim_jax.methods import common
 from mim_jax.models import vit
 from mim_jax.tokenizers import centroids as centroid_lib
 
@@ -32,8 +35,9 @@ def _config(tok_path):
 def method(tmp_path_factory):
   rng = np.random.default_rng(0)
   path = str(tmp_path_factory.mktemp("tok") / "centroids")
-  centroid_lib.CentroidTokenizer(rng.random((K, 3 * PATCH * PATCH), np.float32),
-                                 patch_size=PATCH).save(path)
+  centroid_lib.CentroidTokenizer(
+    rng.random((K, 3 * PATCH * PATCH), np.float32), patch_size=PATCH
+  ).save(path)
   return methods.build(_config(path), workdir=None, source=None)
 
 
@@ -42,8 +46,12 @@ def _batch(method, b=4, seed=0):
   img = rng.integers(0, 256, (b, SIZE, SIZE, 3), dtype=np.uint8)
   img2 = rng.integers(0, 256, (b, SIZE, SIZE, 3), dtype=np.uint8)
   exs = [method.prepare({}, np.random.default_rng(seed * 100 + i)) for i in range(b)]
-  return {"image": img, "image2": img2, "mask": np.stack([e["mask"] for e in exs]),
-          "replaced": np.stack([e["replaced"] for e in exs])}
+  return {
+    "image": img,
+    "image2": img2,
+    "mask": np.stack([e["mask"] for e in exs]),
+    "replaced": np.stack([e["replaced"] for e in exs]),
+  }
 
 
 def _patches_cyx(images01, p):
@@ -86,21 +94,24 @@ def test_replaced_patches_take_their_own_centroid_before_normalisation(method):
   np.testing.assert_allclose(got[rep], cents[ref_tokens[rep]], atol=1e-5)
   np.testing.assert_allclose(got[~rep], orig[~rep], atol=1e-5)
   # The student is normalised with ImageNet statistics after replacing.
-  np.testing.assert_allclose(np.asarray(student)[0, 0, 0],
-                             (pixels[0, 0, 0] - IMAGENET_MEAN) / IMAGENET_STD, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(student)[0, 0, 0], (pixels[0, 0, 0] - IMAGENET_MEAN) / IMAGENET_STD, atol=1e-5
+  )
 
 
 def test_pixel_targets_are_cyx_patches_with_unbiased_variance(method):
   batch = _batch(method)
   params = nn.unbox(method.init(jax.random.PRNGKey(0), batch))["params"]
   _, _, targets, pixel_targets, select = method._forward(
-      params, jax.tree.map(jnp.asarray, batch), method.consts(), None, False)
+    params, jax.tree.map(jnp.asarray, batch), method.consts(), None, False
+  )
   p2 = _patches_cyx(batch["image2"].astype(np.float32) / 255, PATCH)
   sel = np.take_along_axis(p2, np.asarray(select)[..., None], axis=1)
   mean = sel.mean(-1, keepdims=True)
   var = ((sel - mean) ** 2).sum(-1, keepdims=True) / (sel.shape[-1] - 1)
-  np.testing.assert_allclose(np.asarray(pixel_targets), (sel - mean) / np.sqrt(var + 1e-6),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(pixel_targets), (sel - mean) / np.sqrt(var + 1e-6), rtol=1e-4, atol=1e-4
+  )
   # Selected positions are exactly masked ∪ replaced, in ascending order.
   for i in range(select.shape[0]):
     expected = np.flatnonzero(batch["mask"][i] | batch["replaced"][i])
@@ -112,16 +123,18 @@ def test_losses_only_see_masked_and_replaced_positions(method):
   batch = _batch(method)
   params = nn.unbox(method.init(jax.random.PRNGKey(0), batch))["params"]
   consts = method.consts()
-  loss = lambda b: method.loss(params, {}, consts, jax.tree.map(jnp.asarray, b), None,
-                               train=False)[1]
+  loss = lambda b: method.loss(params, {}, consts, jax.tree.map(jnp.asarray, b), None, train=False)[
+    1
+  ]
   base = loss(batch)
   # Change view 2 (targets only) at a position that is neither masked nor replaced.
   keep = ~(batch["mask"][0] | batch["replaced"][0])
   pos = int(np.flatnonzero(keep)[0])
   gy, gx = divmod(pos, SIZE // PATCH)
   other = dict(batch, image2=batch["image2"].copy())
-  other["image2"][0, gy * PATCH:(gy + 1) * PATCH, gx * PATCH:(gx + 1) * PATCH] = 255 - \
-      other["image2"][0, gy * PATCH:(gy + 1) * PATCH, gx * PATCH:(gx + 1) * PATCH]
+  other["image2"][0, gy * PATCH : (gy + 1) * PATCH, gx * PATCH : (gx + 1) * PATCH] = (
+    255 - other["image2"][0, gy * PATCH : (gy + 1) * PATCH, gx * PATCH : (gx + 1) * PATCH]
+  )
   changed = loss(other)
   for k in ("loss_token", "loss_pixel"):
     np.testing.assert_allclose(changed[k], base[k], rtol=1e-6)
@@ -129,7 +142,7 @@ def test_losses_only_see_masked_and_replaced_positions(method):
   pos = int(np.flatnonzero(batch["mask"][0])[0])
   gy, gx = divmod(pos, SIZE // PATCH)
   other = dict(batch, image2=batch["image2"].copy())
-  other["image2"][0, gy * PATCH:(gy + 1) * PATCH, gx * PATCH:(gx + 1) * PATCH] = 0
+  other["image2"][0, gy * PATCH : (gy + 1) * PATCH, gx * PATCH : (gx + 1) * PATCH] = 0
   changed = loss(other)
   assert abs(float(changed["loss_pixel"]) - float(base["loss_pixel"])) > 1e-4
 
@@ -138,8 +151,9 @@ def test_token_loss_is_plain_cross_entropy_at_selected_positions(method):
   batch = _batch(method)
   params = nn.unbox(method.init(jax.random.PRNGKey(1), batch))["params"]
   b = jax.tree.map(jnp.asarray, batch)
-  logits, pixels, targets, pixel_targets, _ = method._forward(params, b, method.consts(),
-                                                              None, False)
+  logits, pixels, targets, pixel_targets, _ = method._forward(
+    params, b, method.consts(), None, False
+  )
   m = method.loss(params, {}, method.consts(), b, None, train=False)[1]
   lg = np.asarray(logits, np.float64)
   lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
@@ -162,13 +176,15 @@ def test_pixel_block_reads_final_cls_and_layer_l_patches(method):
       seen["input"] = args[0]
     return next_fun(*args, **kwargs)
 
-  select = ccvit.selected_positions(b["mask"] | b["replaced"], method.num_selected)
+  select = common.selected_positions(b["mask"] | b["replaced"], method.num_selected)
   with nn.intercept_methods(spy):
     method.model.apply(variables, student, b["mask"], select)
-  backbone = vit.VisionTransformer(**method.vit_kw, use_mask_token=True, rel_pos="shared",
-                                   weight_init="beit")
-  out = backbone.apply({"params": variables["params"]["backbone"]}, student, mask=b["mask"],
-                       return_layers=(2,))
+  backbone = vit.VisionTransformer(
+    **method.vit_kw, use_mask_token=True, rel_pos="shared", weight_init="beit"
+  )
+  out = backbone.apply(
+    {"params": variables["params"]["backbone"]}, student, mask=b["mask"], return_layers=(2,)
+  )
   np.testing.assert_allclose(seen["input"][:, 0], out["last"][:, 0], rtol=1e-6)
   np.testing.assert_allclose(seen["input"][:, 1:], out["layers"][2][:, 1:], rtol=1e-6)
   assert not np.allclose(out["layers"][2][:, 1:], out["last"][:, 1:])
@@ -180,7 +196,7 @@ def test_pixel_block_keeps_pytorch_default_init_with_depth_rescale(method):
   blk = params["pixel_block_0"]
   bound = 1 / np.sqrt(d)
   fc1 = np.asarray(blk["mlp"]["fc1"]["kernel"])
-  assert np.abs(fc1).max() <= bound and np.abs(fc1).max() > 0.8 * bound   # uniform, not N(.02)
+  assert np.abs(fc1).max() <= bound and np.abs(fc1).max() > 0.8 * bound  # uniform, not N(.02)
   proj = np.asarray(blk["attn"]["proj"]["kernel"])
   layer_id = method.config.method.early_layers + 1
   assert np.abs(proj).max() <= bound / np.sqrt(2 * layer_id) + 1e-7
@@ -205,7 +221,8 @@ def test_training_lowers_the_loss(method):
   @jax.jit
   def step(params, opt):
     (l, m), g = jax.value_and_grad(
-        lambda p: method.loss(p, {}, consts, batch, None, train=False)[:2], has_aux=True)(params)
+      lambda p: method.loss(p, {}, consts, batch, None, train=False)[:2], has_aux=True
+    )(params)
     u, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, u), opt, m
 
@@ -220,6 +237,7 @@ def test_training_lowers_the_loss(method):
 def test_scanned_backbone_gives_the_same_losses(method, tmp_path):
   """config.model.scan_layers (nn.scan over blocks) is a layout change, not a new model."""
   from mim_jax.models import convert
+
   batch = jax.tree.map(jnp.asarray, _batch(method))
   params = nn.unbox(method.init(jax.random.PRNGKey(4), batch))["params"]
   config = method.config.copy_and_resolve_references()
@@ -230,3 +248,27 @@ def test_scanned_backbone_gives_the_same_losses(method, tmp_path):
   got = scanned.loss(scanned_params, {}, scanned.consts(), batch, None, train=False)[1]
   for k in ("loss_token", "loss_pixel"):
     np.testing.assert_allclose(float(got[k]), float(ref[k]), rtol=1e-5)
+
+
+def test_frozen_fingerprint_of_the_codebook(method, tmp_path):
+  """config.tokenizer.path: its files; a codebook kept in the workdir: its content, so a
+  moved workdir still resumes and another codebook does not."""
+  path = method.config.tokenizer.path
+  fp = method.frozen_fingerprint()
+  assert fp == {
+    "tokenizer.path": f"{os.path.abspath(path)} sha256:"
+    + fp["tokenizer.path"].rsplit("sha256:", 1)[1]
+  }
+  tok = centroid_lib.CentroidTokenizer.load(path)
+  built = {}
+  for name in ("a", "b"):
+    workdir = tmp_path / name
+    workdir.mkdir()
+    tok.save(str(workdir / "centroids"))
+    built[name] = methods.build(_config(""), workdir=str(workdir), source=None)
+  assert built["a"].frozen_fingerprint() == built["b"].frozen_fingerprint()
+  assert "built in the workdir" in built["a"].frozen_fingerprint()["tokenizer.path"]
+  other = centroid_lib.CentroidTokenizer(tok.centroids[::-1].copy(), patch_size=PATCH)
+  other.save(str(tmp_path / "a" / "centroids"))
+  moved = methods.build(_config(""), workdir=str(tmp_path / "a"), source=None)
+  assert moved.frozen_fingerprint() != built["b"].frozen_fingerprint()

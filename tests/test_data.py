@@ -3,6 +3,7 @@
 All data is written to tmp_path or comes from photos inside installed
 packages, so these run in a clone without ../shared/data.
 """
+
 import json
 import os
 import pickle
@@ -19,7 +20,6 @@ from mim_jax.data import pipeline
 from mim_jax.data import sources
 from mim_jax.data import transforms
 
-
 # ----------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------
@@ -28,10 +28,10 @@ from mim_jax.data import transforms
 def _write_npz(path, num_train=40, num_test=10, size=16, compressed=True):
   rng = np.random.default_rng(0)
   arrays = {
-      'x_train': rng.integers(0, 256, (num_train, size, size, 3), np.uint8),
-      'y_train': np.arange(num_train, dtype=np.int64) % 5,
-      'x_test': rng.integers(0, 256, (num_test, size, size), np.uint8),
-      'y_test': np.arange(num_test, dtype=np.int32) % 5,
+    'x_train': rng.integers(0, 256, (num_train, size, size, 3), np.uint8),
+    'y_train': np.arange(num_train, dtype=np.int64) % 5,
+    'x_test': rng.integers(0, 256, (num_test, size, size), np.uint8),
+    'y_test': np.arange(num_test, dtype=np.int32) % 5,
   }
   (np.savez_compressed if compressed else np.savez)(path, **arrays)
   return arrays
@@ -48,8 +48,7 @@ class _ArraySource:
 
   def __getitem__(self, index):
     image = np.full((self.size, self.size, 3), index % 256, np.uint8)
-    return {'image': image, 'label': np.int32(index % 3),
-            'index': np.int64(index)}
+    return {'image': image, 'label': np.int32(index % 3), 'index': np.int64(index)}
 
   def __repr__(self):
     return f'_ArraySource({self.length}, {self.size})'
@@ -63,8 +62,7 @@ def _add_noise_and_mask(example, rng):
 
 
 def _two_view(size=8):
-  return transforms.TwoViewTransform(image_size=size, second_image_size=4,
-                                     color_jitter=0.4)
+  return transforms.TwoViewTransform(image_size=size, second_image_size=4, color_jitter=0.4)
 
 
 @pytest.fixture(scope='module')
@@ -86,19 +84,18 @@ def _assert_batches_equal(batches_a, batches_b):
 
 
 def test_two_views_share_one_crop(photo):
-  view1, view2 = transforms.two_view_random_resized_crop(
-      photo, np.random.default_rng(1), 64, 64)
+  view1, view2 = transforms.two_view_random_resized_crop(photo, np.random.default_rng(1), 64, 64)
   np.testing.assert_array_equal(view1, view2)
   # Different sizes: view1 downsampled must look like view2, unlike the view
   # of an independent crop.
   view1, view2 = transforms.two_view_random_resized_crop(
-      photo, np.random.default_rng(2), 96, 32, interpolation2='bilinear')
+    photo, np.random.default_rng(2), 96, 32, interpolation2='bilinear'
+  )
   assert view1.shape == (96, 96, 3) and view2.shape == (32, 32, 3)
   assert view1.dtype == view2.dtype == np.uint8
   small = np.asarray(Image.fromarray(view1).resize((32, 32), Image.BOX))
   same_crop_error = np.abs(small.astype(float) - view2).mean()
-  _, other = transforms.two_view_random_resized_crop(
-      photo, np.random.default_rng(3), 96, 32)
+  _, other = transforms.two_view_random_resized_crop(photo, np.random.default_rng(3), 96, 32)
   other_crop_error = np.abs(other.astype(float) - view2).mean()
   assert same_crop_error < 6, same_crop_error
   assert other_crop_error > 3 * same_crop_error
@@ -110,7 +107,8 @@ def test_crop_params_respect_scale_and_ratio_bounds():
   fractions, ratios = [], []
   for _ in range(2000):
     top, left, h, w = transforms.random_resized_crop_params(
-        height, width, rng, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3))
+      height, width, rng, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)
+    )
     assert 0 <= top <= height - h and 0 <= left <= width - w
     fractions.append(h * w / (height * width))
     ratios.append(w / h)
@@ -125,17 +123,17 @@ def test_crop_params_respect_scale_and_ratio_bounds():
 def test_unit_scale_and_ratio_give_the_centre_square(photo):
   height, width = photo.shape[:2]
   box = transforms.random_resized_crop_params(
-      height, width, np.random.default_rng(0), scale=(1, 1), ratio=(1, 1))
+    height, width, np.random.default_rng(0), scale=(1, 1), ratio=(1, 1)
+  )
   side = min(height, width)
   assert box == ((height - side) // 2, (width - side) // 2, side, side)
   view, _ = transforms.two_view_random_resized_crop(
-      photo, np.random.default_rng(5), 64, 64, scale=(1, 1), ratio=(1, 1))
+    photo, np.random.default_rng(5), 64, 64, scale=(1, 1), ratio=(1, 1)
+  )
   # The region Resize + CenterCrop sees (MaPeT's offline tokens); only the
   # resampling order differs. The left square is far off.
-  centre_error = np.abs(view - transforms.resize_center_crop(photo, 64)
-                        .astype(float)).mean()
-  left_square = np.asarray(Image.fromarray(photo[:side, :side]).resize(
-      (64, 64), Image.BICUBIC))
+  centre_error = np.abs(view - transforms.resize_center_crop(photo, 64).astype(float)).mean()
+  left_square = np.asarray(Image.fromarray(photo[:side, :side]).resize((64, 64), Image.BICUBIC))
   left_error = np.abs(view - left_square.astype(float)).mean()
   assert centre_error < 10 and left_error > 4 * centre_error
 
@@ -156,14 +154,22 @@ def test_two_view_transform_is_deterministic_given_the_rng(photo):
 
 
 def test_two_view_transform_second_view_size_and_config():
-  cfg = ml_collections.ConfigDict({
-      'image_size': 24, 'second_image_size': 12, 'crop_scale': (0.4, 1.0),
-      'hflip': False, 'color_jitter': 0.0, 'second_interpolation': 'lanczos'})
+  cfg = ml_collections.ConfigDict(
+    {
+      'image_size': 24,
+      'second_image_size': 12,
+      'crop_scale': (0.4, 1.0),
+      'hflip': False,
+      'color_jitter': 0.0,
+      'second_interpolation': 'lanczos',
+    }
+  )
   transform = transforms.TwoViewTransform.from_config(cfg)
   assert transform.crop_scale == (0.4, 1.0) and not transform.hflip
   image = np.random.default_rng(0).integers(0, 256, (40, 50, 3), np.uint8)
-  out = transform({'image': image, 'label': np.int32(1),
-                   'index': np.int64(0)}, np.random.default_rng(0))
+  out = transform(
+    {'image': image, 'label': np.int32(1), 'index': np.int64(0)}, np.random.default_rng(0)
+  )
   assert out['image'].shape == (24, 24, 3)
   assert out['image2'].shape == (12, 12, 3)
   with pytest.raises(ValueError, match='interpolation'):
@@ -173,33 +179,27 @@ def test_two_view_transform_second_view_size_and_config():
 def test_horizontal_flip():
   image = np.arange(2 * 5 * 3, dtype=np.uint8).reshape(2, 5, 3)
   rng = np.random.default_rng(0)
-  np.testing.assert_array_equal(
-      transforms.horizontal_flip(image, rng, p=1.0), image[:, ::-1])
-  np.testing.assert_array_equal(transforms.horizontal_flip(image, rng, p=0.0),
-                                image)
+  np.testing.assert_array_equal(transforms.horizontal_flip(image, rng, p=1.0), image[:, ::-1])
+  np.testing.assert_array_equal(transforms.horizontal_flip(image, rng, p=0.0), image)
   pil = Image.fromarray(image)
   flipped = transforms.horizontal_flip(pil, rng, p=1.0)
   np.testing.assert_array_equal(np.asarray(flipped), image[:, ::-1])
-  flips = [not np.array_equal(transforms.horizontal_flip(image, rng), image)
-           for _ in range(400)]
+  flips = [not np.array_equal(transforms.horizontal_flip(image, rng), image) for _ in range(400)]
   assert 0.4 < np.mean(flips) < 0.6
 
 
 def test_color_jitter_factor_ranges():
   grey = np.full((8, 8, 3), 100, np.uint8)
   rng = np.random.default_rng(0)
-  means = [transforms.color_jitter(grey, rng, 0.4, 0, 0).mean()
-           for _ in range(300)]
+  means = [transforms.color_jitter(grey, rng, 0.4, 0, 0).mean() for _ in range(300)]
   assert min(means) >= 60 - 1 and max(means) <= 140 + 1
   assert min(means) < 70 and max(means) > 130  # Uses the whole range.
   # Contrast and saturation leave a constant grey image as it is.
-  np.testing.assert_array_equal(
-      transforms.color_jitter(grey, rng, 0, 0.4, 0.4), grey)
+  np.testing.assert_array_equal(transforms.color_jitter(grey, rng, 0, 0.4, 0.4), grey)
   # Hue rotates colours but keeps uint8 RGB.
   red = np.zeros((4, 4, 3), np.uint8)
   red[..., 0] = 200
-  shifted = transforms.color_jitter(red, np.random.default_rng(1), 0, 0, 0,
-                                    hue=0.5)
+  shifted = transforms.color_jitter(red, np.random.default_rng(1), 0, 0, 0, hue=0.5)
   assert shifted.dtype == np.uint8 and shifted.shape == red.shape
   assert not np.array_equal(shifted, red)
 
@@ -208,22 +208,18 @@ def test_resize_center_crop_shapes():
   image = np.random.default_rng(0).integers(0, 256, (30, 40, 3), np.uint8)
   assert transforms.resize_center_crop(image, 20).shape == (20, 20, 3)
   assert transforms.resize_center_crop(image, 20, 24).shape == (20, 20, 3)
-  out = data.EvalTransform(16)({'image': image, 'label': np.int32(2),
-                                'index': np.int64(3)})
+  out = data.EvalTransform(16)({'image': image, 'label': np.int32(2), 'index': np.int64(3)})
   assert out['image'].shape == (16, 16, 3) and out['label'] == 2
 
 
 def test_normalize_numpy_and_jax():
   image = np.random.default_rng(0).integers(0, 256, (4, 4, 3), np.uint8)
-  expected = (image / 255.0 - np.array(data.IMAGENET_MEAN)) / np.array(
-      data.IMAGENET_STD)
+  expected = (image / 255.0 - np.array(data.IMAGENET_MEAN)) / np.array(data.IMAGENET_STD)
   np.testing.assert_allclose(transforms.normalize(image), expected, atol=1e-5)
-  on_device = transforms.normalize(jnp.asarray(image), data.IMAGENET_MEAN,
-                                   data.IMAGENET_STD)
+  on_device = transforms.normalize(jnp.asarray(image), data.IMAGENET_MEAN, data.IMAGENET_STD)
   assert isinstance(on_device, type(jnp.zeros(1)))
   np.testing.assert_allclose(np.asarray(on_device), expected, atol=1e-5)
-  floats = transforms.normalize(image / 255.0, data.INCEPTION_MEAN,
-                                data.INCEPTION_STD)
+  floats = transforms.normalize(image / 255.0, data.INCEPTION_MEAN, data.INCEPTION_STD)
   np.testing.assert_allclose(floats, image / 127.5 - 1, atol=1e-5)
 
 
@@ -259,16 +255,17 @@ def test_npz_source_mmap(tmp_path):
   arrays = _write_npz(path, compressed=False)
   source = sources.NpzSource(path, split='train', mmap=True)
   for index in (0, 13, 39):
-    np.testing.assert_array_equal(source[index]['image'],
-                                  arrays['x_train'][index])
+    np.testing.assert_array_equal(source[index]['image'], arrays['x_train'][index])
   restored = pickle.loads(pickle.dumps(source))
   np.testing.assert_array_equal(restored[5]['image'], arrays['x_train'][5])
 
 
 def _write_imagefolder(root):
   rng = np.random.default_rng(0)
-  for class_name, names in (('zebra', ('b.png', 'a.JPEG')),
-                            ('ant', ('c.jpg', 'd.png', 'notes.txt'))):
+  for class_name, names in (
+    ('zebra', ('b.png', 'a.JPEG')),
+    ('ant', ('c.jpg', 'd.png', 'notes.txt')),
+  ):
     os.makedirs(root / class_name)
     for name in names:
       path = root / class_name / name
@@ -330,8 +327,7 @@ def test_embedded_source_holds_real_photos():
 def test_tfds_source_reads_mocked_array_record(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   with tfds.testing.mock_data(num_examples=6):
-    source = sources.TfdsSource('imagenet2012', split='train',
-                                data_dir=str(tmp_path))
+    source = sources.TfdsSource('imagenet2012', split='train', data_dir=str(tmp_path))
     assert len(source) == 6
     example = source[3]
   assert example['image'].dtype == np.uint8 and example['image'].ndim == 3
@@ -344,40 +340,36 @@ def test_tfds_not_prepared_says_how_to_prepare(tmp_path):
   pytest.importorskip('tensorflow_datasets')
   with pytest.raises(FileNotFoundError, match='--manual_dir'):
     sources.TfdsSource('imagenet2012', data_dir=str(tmp_path))
-  cfg = {'source': 'tfds', 'name': 'imagenet2012', 'split': 'train',
-         'data_dir': str(tmp_path)}
+  cfg = {'source': 'tfds', 'name': 'imagenet2012', 'split': 'train', 'data_dir': str(tmp_path)}
   with pytest.raises(ValueError, match='config.data.data_dir.*tfds build'):
     sources.validate_data_config(cfg)
 
 
 def test_config_validation_names_the_field(tmp_path):
-  with pytest.raises(ValueError,
-                     match="config.data.source: unknown source 'foo'"):
+  with pytest.raises(ValueError, match="config.data.source: unknown source 'foo'"):
     sources.validate_data_config({'source': 'foo'})
   missing = str(tmp_path / 'nope.npz')
   with pytest.raises(ValueError, match='config.data.path.*nope.npz'):
     sources.validate_data_config({'source': 'npz', 'path': missing})
   with pytest.raises(ValueError, match='config.data.path.*val'):
-    sources.validate_data_config({'source': 'imagefolder',
-                                  'path': str(tmp_path), 'split': 'val'})
+    sources.validate_data_config({'source': 'imagefolder', 'path': str(tmp_path), 'split': 'val'})
   with pytest.raises(ValueError, match='config.data.name'):
     sources.validate_data_config({'source': 'tfds'})
   path = str(tmp_path / 'tiny.npz')
   _write_npz(path)
   with pytest.raises(ValueError, match="config.data.split.*'x_val'"):
-    sources.validate_data_config({'source': 'npz', 'path': path,
-                                  'split': 'val'})
-  cfg = ml_collections.ConfigDict({'source': 'npz', 'path': path,
-                                   'split': 'train', 'name': '',
-                                   'data_dir': None})
+    sources.validate_data_config({'source': 'npz', 'path': path, 'split': 'val'})
+  cfg = ml_collections.ConfigDict(
+    {'source': 'npz', 'path': path, 'split': 'train', 'name': '', 'data_dir': None}
+  )
   assert len(data.build_source(cfg)) == 40
   assert len(data.build_source(cfg, split='test')) == 10
   embedded = data.build_source({'source': 'embedded', 'length': 12})
   assert len(embedded) == 12
   _write_imagefolder(tmp_path / 'folder' / 'train')
-  folder = data.build_source({'source': 'imagefolder',
-                              'path': str(tmp_path / 'folder'),
-                              'split': 'train'})
+  folder = data.build_source(
+    {'source': 'imagefolder', 'path': str(tmp_path / 'folder'), 'split': 'train'}
+  )
   assert len(folder) == 4
 
 
@@ -389,10 +381,8 @@ def test_config_validation_names_the_field(tmp_path):
 def _train_loader(source, seed=0, **kwargs):
   kwargs.setdefault('global_batch_size', 4)
   # grain's default (16 threads, 500 records ahead) is slow to start on 2 cores.
-  kwargs.setdefault('read_options',
-                    grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
-  return pipeline.make_train_loader(source, _two_view(), _add_noise_and_mask,
-                                    seed=seed, **kwargs)
+  kwargs.setdefault('read_options', grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
+  return pipeline.make_train_loader(source, _two_view(), _add_noise_and_mask, seed=seed, **kwargs)
 
 
 def test_train_loader_batches_and_determinism():
@@ -408,10 +398,16 @@ def test_train_loader_batches_and_determinism():
   assert batch['image2'].shape == (4, 4, 4, 3)
   assert batch['mask'].shape == (4, 16) and batch['mask'].dtype == bool
   assert batch['index'].dtype == np.int64 and batch['label'].dtype == np.int32
+  # Nothing was unreadable.
+  assert batch['_bad'].dtype == np.int32 and not batch['_bad'].any()
+  assert batch['_bad_index'].dtype == np.int64
+  np.testing.assert_array_equal(batch['_bad_index'], -1)
+  assert loader_a.bad_examples(batch) == []
   # Every example gets its own random stream.
   assert len(set(np.concatenate([b['noise'] for b in batches_a]))) == 16
   other = next(_train_loader(source, seed=2))
   assert not np.array_equal(other['index'], batch['index'])
+  assert loader_a.describe(3) == 'index 3 of _ArraySource(24, 8)'
 
 
 def test_train_loader_epochs_cover_the_data():
@@ -424,9 +420,10 @@ def test_train_loader_epochs_cover_the_data():
   second = np.concatenate([b['index'] for b in batches[5:]])
   assert sorted(first) == sorted(second) == list(range(20))
   assert not np.array_equal(first, second)  # Reshuffled per epoch.
-  with pytest.raises(ValueError, match='not divisible'):
-    _train_loader(source, global_batch_size=6,
-                  shard_options=grain.ShardOptions(0, 4, drop_remainder=True))
+  with pytest.raises(ValueError, match='not divisible by the number of processes 4'):
+    _train_loader(source, global_batch_size=6, process_index=0, process_count=4)
+  with pytest.raises(ValueError, match='larger than the dataset'):
+    _train_loader(source, global_batch_size=24)
 
 
 def test_train_loader_resumes_exactly():
@@ -435,43 +432,36 @@ def test_train_loader_resumes_exactly():
   for _ in range(3):
     next(loader)
   state = loader.get_state()
-  assert isinstance(state, str) and json.loads(state)['worker_count'] == 0
+  assert isinstance(state, str)
+  assert json.loads(state) == {
+    'next_step': 3,
+    'seed': 5,
+    'global_batch_size': 4,
+    'num_examples': 16,
+    'shuffle': True,
+  }
   uninterrupted = [next(loader) for _ in range(6)]  # Crosses an epoch.
   resumed_loader = _train_loader(source, seed=5)
   resumed_loader.set_state(state)
-  _assert_batches_equal(uninterrupted, [next(resumed_loader)
-                                        for _ in range(6)])
-  with pytest.raises(ValueError, match='does not match'):
+  _assert_batches_equal(uninterrupted, [next(resumed_loader) for _ in range(6)])
+  with pytest.raises(ValueError, match='num_examples=16, the config says num_examples=17'):
     _train_loader(_ArraySource(17), seed=5).set_state(state)
 
 
-def test_train_loader_resumes_exactly_with_worker_processes():
+def test_train_loader_worker_processes_change_nothing():
   source = _ArraySource(32)
+  in_process = _train_loader(source, seed=7)
+  expected = [next(in_process) for _ in range(6)]
   with _train_loader(source, seed=7, worker_count=2) as loader:
-    for _ in range(3):
-      next(loader)
+    batches = [next(loader) for _ in range(3)]
     state = loader.get_state()
-    uninterrupted = [next(loader) for _ in range(3)]
-  with _train_loader(source, seed=7, worker_count=2) as resumed_loader:
-    resumed_loader.set_state(state)
-    resumed = [next(resumed_loader) for _ in range(3)]
-  _assert_batches_equal(uninterrupted, resumed)
-  assert type(resumed[0]['image']) is np.ndarray  # Not shared memory.
-
-
-def test_train_loader_shards_are_disjoint_and_cover_the_data():
-  source = _ArraySource(24)
-  seen = []
-  for shard_index in range(2):
-    loader = _train_loader(
-        source, global_batch_size=6, num_epochs=1,
-        shard_options=grain.ShardOptions(shard_index, 2, drop_remainder=True))
-    assert loader.per_process_batch_size == 3
-    indices = np.concatenate([b['index'] for b in loader])
-    assert len(indices) == 12 and len(set(indices)) == 12
-    seen.append(set(indices.tolist()))
-  assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == set(range(24))
+  _assert_batches_equal(expected[:3], batches)
+  assert type(batches[0]['image']) is np.ndarray  # Not shared memory.
+  with pytest.raises(ValueError, match='closed'):
+    next(loader)
+  # A state from 2 workers resumes in-process (any worker count).
+  in_process.set_state(state)
+  _assert_batches_equal(expected[3:], [next(in_process) for _ in range(3)])
 
 
 @pytest.mark.parametrize('num_examples', [10, 11])
@@ -480,8 +470,11 @@ def test_eval_loader_covers_each_example_once(num_examples):
   valid_indices, batch_counts = [], []
   for shard_index in range(2):
     loader = pipeline.make_eval_loader(
-        source, data.EvalTransform(4), global_batch_size=4,
-        shard_options=grain.ShardOptions(shard_index, 2))
+      source,
+      data.EvalTransform(4),
+      global_batch_size=4,
+      shard_options=grain.ShardOptions(shard_index, 2),
+    )
     batches = list(loader)
     batch_counts.append(len(batches))
     assert len(batches) == len(loader)
@@ -490,25 +483,31 @@ def test_eval_loader_covers_each_example_once(num_examples):
       assert batch['valid'].dtype == bool
       valid_indices.extend(batch['index'][batch['valid']].tolist())
       # Images still match their index (value i at every pixel).
-      np.testing.assert_array_equal(batch['image'][:, 0, 0, 0],
-                                    batch['index'] % 256)
+      np.testing.assert_array_equal(batch['image'][:, 0, 0, 0], batch['index'] % 256)
   assert batch_counts[0] == batch_counts[1] == 3
   assert sorted(valid_indices) == list(range(num_examples))
   assert valid_indices == sorted(valid_indices)  # In order.
 
 
 def test_real_images_from_shared_data(shared_data):
-  npz = data.build_source({'source': 'npz', 'split': 'test',
-                           'path': os.path.join(shared_data,
-                                                'imagenette2_32.npz')})
+  npz = data.build_source(
+    {'source': 'npz', 'split': 'test', 'path': os.path.join(shared_data, 'imagenette2_32.npz')}
+  )
   assert len(npz) == 3925 and npz[0]['image'].shape == (32, 32, 3)
-  folder = data.build_source({
-      'source': 'imagefolder', 'split': 'val',
-      'path': os.path.join(shared_data, 'imagenette2_224_sample')})
+  folder = data.build_source(
+    {
+      'source': 'imagefolder',
+      'split': 'val',
+      'path': os.path.join(shared_data, 'imagenette2_224_sample'),
+    }
+  )
   assert len(folder) == 200 and len(folder.classes) == 10
   loader = pipeline.make_train_loader(
-      folder, data.TwoViewTransform(image_size=224, second_image_size=112),
-      global_batch_size=8, seed=0)
+    folder,
+    data.TwoViewTransform(image_size=224, second_image_size=112),
+    global_batch_size=8,
+    seed=0,
+  )
   batch = next(loader)
   assert batch['image'].shape == (8, 224, 224, 3)
   assert batch['image2'].shape == (8, 112, 112, 3)

@@ -1,6 +1,7 @@
-"""k-CLIP (MaPeT §3.3): tokens are the nearest L2 centroid of CLIP ResNet layer-4 features,
-built end to end with the device-sharded k-means, saved, reloaded and used by the token
-cache's Tokenizer face."""
+"""k-CLIP (`aimagelab/MaPeT:data/kmeans/`): tokens are the nearest L2 centroid of CLIP ResNet
+layer-4 features, built end to end with the device-sharded k-means, saved, reloaded and used by
+the token cache's Tokenizer face."""
+
 import json
 import os
 
@@ -14,7 +15,7 @@ from mim_jax.teachers import clip
 from mim_jax.tokenizers import base as tok_base
 from mim_jax.tokenizers import kclip
 
-SPEC = "random:RN50,width=8,layers=1-1-1-1,image_size=64"   # layer 4: 2 x 2 x 256
+SPEC = "random:RN50,width=8,layers=1-1-1-1,image_size=64"  # layer 4: 2 x 2 x 256
 
 
 class _ListSource:
@@ -25,7 +26,7 @@ class _ListSource:
     return len(self.images)
 
   def __getitem__(self, i):
-    return sources._example(self.images[i], 0, i)   # pylint: disable=protected-access
+    return sources._example(self.images[i], 0, i)  # pylint: disable=protected-access
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +53,11 @@ def test_tokens_are_the_nearest_centroid_of_layer4_features(teacher):
   images = _images(4)
   feats = np.asarray(teacher.layer4(jnp.asarray(images, jnp.float32) / 255.0))
   assert feats.shape == (4, 2, 2, c)
-  feats = feats.reshape(4, 4, c)                    # row-major grid, as the reference
+  feats = feats.reshape(4, 4, c)  # row-major grid, as the reference
   # Centroids near actual features, so the nearest one is not the same for every token.
-  centroids = (feats.reshape(-1, c)[rng.permutation(16)[:6]]
-               + 0.01 * rng.normal(size=(6, c))).astype(np.float32)
+  centroids = (
+    feats.reshape(-1, c)[rng.permutation(16)[:6]] + 0.01 * rng.normal(size=(6, c))
+  ).astype(np.float32)
   tok = kclip.KClipTokenizer(teacher, centroids, view=tok_base.View(64, 64)).as_tokenizer()
   assert tok.kind == "kclip" and tok.codebook_size == 6 and tok.grid == (2, 2)
   ids = np.asarray(tok.tokenize(images))
@@ -68,23 +70,34 @@ def test_build_save_reload_and_load_tokenizer(teacher, tmp_path):
   source = _ListSource(list(_images(24, seed=2)))
   out = str(tmp_path / "kclip")
   logs = []
-  tok = kclip.build(teacher, source, out, k=8, iters=6, redo=2, sample_patches=64,
-                    view=tok_base.View(64, 64), batch_size=8, seed=3, max_images=16,
-                    log=logs.append)
+  tok = kclip.build(
+    teacher,
+    source,
+    out,
+    k=8,
+    iters=6,
+    redo=2,
+    sample_patches=64,
+    view=tok_base.View(64, 64),
+    batch_size=8,
+    seed=3,
+    max_images=16,
+    log=logs.append,
+  )
   assert sorted(os.listdir(out)) == [kclip.CENTROIDS, kclip.META]
   meta = json.load(open(os.path.join(out, kclip.META)))
-  assert (meta["k"], meta["dim"], meta["clip"], meta["iters"], meta["redo"]) == (
-      8, 256, SPEC, 6, 2)
-  assert meta["num_patches"] == 16 * 4                 # 64 / 16 images = 4 cells per image
+  assert (meta["k"], meta["dim"], meta["clip"], meta["iters"], meta["redo"]) == (8, 256, SPEC, 6, 2)
+  assert meta["num_patches"] == 16 * 4  # 64 / 16 images = 4 cells per image
   assert meta["view"] == {"size": 64, "resize": 64, "interpolation": "bicubic"}
   hist = np.asarray(meta["inertia_history"])
-  assert np.all(np.diff(hist) <= 1e-3 * hist[0])      # Lloyd never increases the inertia
+  assert np.all(np.diff(hist) <= 1e-3 * hist[0])  # Lloyd never increases the inertia
   assert sum("k-means run" in line for line in logs) == 2
 
   # The sampled features are the layer-4 cells of the first 16 images; their k-means
   # inertia with the saved centroids is the recorded one.
-  feats = np.asarray(teacher.layer4(jnp.asarray(np.stack(source.images[:16]), jnp.float32)
-                                    / 255.0)).reshape(-1, 256)
+  feats = np.asarray(
+    teacher.layer4(jnp.asarray(np.stack(source.images[:16]), jnp.float32) / 255.0)
+  ).reshape(-1, 256)
   d = ((feats[:, None] - tok.centroids[None]) ** 2).sum(-1).min(-1)
   np.testing.assert_allclose(d.sum(), meta["inertia"], rtol=2e-3)
 
@@ -105,6 +118,13 @@ def test_build_save_reload_and_load_tokenizer(teacher, tmp_path):
 def test_too_few_patches_is_an_error_before_k_means(teacher, tmp_path):
   source = _ListSource(list(_images(2, seed=4)))
   with pytest.raises(ValueError, match="only 8 patch features for k=16"):
-    kclip.build(teacher, source, str(tmp_path / "x"), k=16, sample_patches=64,
-                view=tok_base.View(64, 64), batch_size=2)
+    kclip.build(
+      teacher,
+      source,
+      str(tmp_path / "x"),
+      k=16,
+      sample_patches=64,
+      view=tok_base.View(64, 64),
+      batch_size=2,
+    )
   assert not os.path.exists(tmp_path / "x")

@@ -1,4 +1,5 @@
 """Tests for the JAX k-means (mim_jax.tokenizers.kmeans) and CCViT's centroid tokenizer."""
+
 import json
 import os
 import subprocess
@@ -6,10 +7,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import pytest
 from jax.sharding import Mesh
+import numpy as np
 from PIL import Image
+import pytest
 
 from mim_jax.tokenizers import build_centroids
 from mim_jax.tokenizers import centroids as centroids_lib
@@ -43,6 +44,7 @@ def mesh8():
 
 def test_inertia_matches_scikit_learn():
   from sklearn.cluster import KMeans
+
   x = blobs(20_000, 64, 64, spread=3.0)
   # An init under which no cluster empties: scikit-learn relocates empty
   # clusters to far points, this implementation keeps them (by design).
@@ -77,8 +79,9 @@ def test_sharded_fit_equals_unsharded(mesh8):
   assert sharded.centroids.sharding.is_fully_replicated
   # A JAX array input is padded and resharded the same way.
   from_device = kmeans.fit(jnp.asarray(x), 16, iters=4, init=init, chunk_size=512, mesh=mesh8)
-  np.testing.assert_allclose(np.asarray(from_device.centroids), np.asarray(single.centroids),
-                             atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(from_device.centroids), np.asarray(single.centroids), atol=1e-4
+  )
   # Random init (two seeds may share a blob): the objective still agrees.
   single = kmeans.fit(x, 16, iters=6, seed=3, chunk_size=1000)
   sharded = kmeans.fit(x, 16, iters=6, seed=3, chunk_size=512, mesh=mesh8)
@@ -100,8 +103,9 @@ def test_chunk_size_does_not_change_the_result():
   x = blobs(5_000, 16, 12, spread=6.0, seed=4)
   results = [kmeans.fit(x, 12, iters=6, seed=0, chunk_size=c) for c in (7, 1000, 65536)]
   for other in results[1:]:
-    np.testing.assert_allclose(np.asarray(other.centroids), np.asarray(results[0].centroids),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(other.centroids), np.asarray(results[0].centroids), atol=1e-5
+    )
     np.testing.assert_array_equal(other.counts, results[0].counts)
 
 
@@ -267,9 +271,20 @@ def test_build_command_end_to_end(tmp_path):
   npz = tmp_path / "tiny.npz"
   _write_tiny_npz(npz)
   out = tmp_path / "run" / "centroids"
-  command = [sys.executable, "-m", "mim_jax.tokenizers.build_centroids", "--source=npz",
-             f"--path={npz}", "--images_per_class=5", "--k=16", "--iters=3", "--patch_size=8",
-             "--image_size=32", "--seed=1", f"--out={out}"]
+  command = [
+    sys.executable,
+    "-m",
+    "mim_jax.tokenizers.build_centroids",
+    "--source=npz",
+    f"--path={npz}",
+    "--images_per_class=5",
+    "--k=16",
+    "--iters=3",
+    "--patch_size=8",
+    "--image_size=32",
+    "--seed=1",
+    f"--out={out}",
+  ]
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr
@@ -285,8 +300,14 @@ def test_build_command_end_to_end(tmp_path):
   assert 0.0 <= centroids.min() and centroids.max() <= 1.0
 
   # Missing data fails fast with the path in the message.
-  bad = subprocess.run(command[:4] + [f"--path={tmp_path / 'nope.npz'}", f"--out={out}"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  bad = subprocess.run(
+    command[:4] + [f"--path={tmp_path / 'nope.npz'}", f"--out={out}"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert bad.returncode != 0 and "nope.npz does not exist" in bad.stderr
 
 
@@ -299,9 +320,18 @@ def test_build_from_imagefolder_in_process(tmp_path):
       Image.fromarray(pixels).save(tmp_path / "root" / name / f"img{i}.png")
   (tmp_path / "root" / "a_class" / "notes.txt").write_text("not an image")
   messages = []
-  tokenizer = build_centroids.build("imagefolder", str(tmp_path / "c"), path=str(tmp_path / "root"),
-                                    images_per_class=3, k=8, iters=2, patch_size=8, image_size=16,
-                                    seed=0, log=messages.append)
+  tokenizer = build_centroids.build(
+    "imagefolder",
+    str(tmp_path / "c"),
+    path=str(tmp_path / "root"),
+    images_per_class=3,
+    k=8,
+    iters=2,
+    patch_size=8,
+    image_size=16,
+    seed=0,
+    log=messages.append,
+  )
   assert tokenizer.metadata["num_images"] == 6 and tokenizer.num_tokens == 8
   assert any("iteration   2" in m for m in messages)
   # Resize(shorter side 18) -> CenterCrop(16), like torchvision's Resize / CenterCrop.

@@ -1,4 +1,5 @@
 """kNN on frozen features (mim_jax/evaluation/knn.py) against hand-built toy sets."""
+
 import numpy as np
 import pytest
 
@@ -28,10 +29,9 @@ def test_known_neighbours_on_the_circle():
   train_angles = [-10, 0, 10, 110, 120, 130, 230, 240, 250]
   labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
   train = _unit(train_angles) * np.array([[1.0], [3.0], [0.5]] * 3, np.float32)  # scale-free
-  test = _unit([5, 118, 245, 60])   # the last one is equidistant from 10 and 110 deg
+  test = _unit([5, 118, 245, 60])  # the last one is equidistant from 10 and 110 deg
   votes = knn.knn_classify(train, labels, test, num_classes=3, k=3, temperature=0.07)
-  np.testing.assert_allclose(votes, _reference_votes(train, labels, test, 3, 0.07, 3),
-                             rtol=1e-4)
+  np.testing.assert_allclose(votes, _reference_votes(train, labels, test, 3, 0.07, 3), rtol=1e-4)
   assert list(np.argmax(votes[:3], 1)) == [0, 1, 2]
   # 60 deg: neighbours 10 (class 0), 110 (class 1) tie at cos 50 deg; the third is 0 deg.
   assert np.argmax(votes[3]) == 0 and votes[3, 2] == 0
@@ -47,8 +47,8 @@ def test_temperature_weights_the_votes():
   test = _unit([0])
   sharp = knn.knn_classify(train, labels, test, num_classes=2, k=3, temperature=0.07)
   flat = knn.knn_classify(train, labels, test, num_classes=2, k=3, temperature=1.0)
-  assert np.argmax(sharp[0]) == 1   # e^(0.99/0.07) > 2 e^(0.9/0.07)
-  assert np.argmax(flat[0]) == 0    # e^0.99 < 2 e^0.9
+  assert np.argmax(sharp[0]) == 1  # e^(0.99/0.07) > 2 e^(0.9/0.07)
+  assert np.argmax(flat[0]) == 0  # e^0.99 < 2 e^0.9
   np.testing.assert_allclose(flat[0], [2 * np.exp(0.9), np.exp(0.99)], rtol=1e-3)
 
 
@@ -59,8 +59,9 @@ def test_random_features_match_loops_and_chunking_is_invisible():
   test = rs.randn(37, 16).astype(np.float32)
   ref = _reference_votes(train, labels, test, 20, 0.07, 7)
   for chunk in (5, 37, 1000):
-    votes = knn.knn_classify(train, labels, test, num_classes=7, k=20, temperature=0.07,
-                             chunk_size=chunk)
+    votes = knn.knn_classify(
+      train, labels, test, num_classes=7, k=20, temperature=0.07, chunk_size=chunk
+    )
     np.testing.assert_allclose(votes, ref, rtol=2e-4)
   acc = knn.knn_accuracy(train, labels, test, np.argmax(ref, 1), num_classes=7)
   assert acc["top1"] == 1.0 and acc["top5"] == 1.0

@@ -1,4 +1,5 @@
 """Linear probe pieces (mim_jax/evaluation/linear_probe.py): BN without affine, MAE's LARS."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
@@ -29,8 +30,11 @@ def test_batchnorm_has_no_affine_and_normalises_with_batch_statistics(torch_ref)
   # Flax keeps the biased batch variance (PyTorch the unbiased one): 0.9 * 1 + 0.1 * var.
   np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * x.var(0), rtol=1e-5)
   # Eval mode uses the running statistics, not the batch's.
-  eval_logits = head.apply({"params": variables["params"], "batch_stats": updates["batch_stats"]},
-                           jnp.asarray(x[:2]), train=False)
+  eval_logits = head.apply(
+    {"params": variables["params"], "batch_stats": updates["batch_stats"]},
+    jnp.asarray(x[:2]),
+    train=False,
+  )
   expected = (x[:2] - stats["mean"]) / np.sqrt(stats["var"] + 1e-6) @ kernel
   np.testing.assert_allclose(eval_logits, expected, rtol=1e-4, atol=1e-5)
 
@@ -55,8 +59,9 @@ def _mae_lars_numpy(params, grads_seq, lrs, wd, momentum=0.9, trust=0.001):
 def test_lars_matches_mae_with_a_changing_learning_rate():
   rs = np.random.RandomState(1)
   params = {"kernel": rs.randn(6, 4).astype(np.float32), "bias": rs.randn(4).astype(np.float32)}
-  grads_seq = [{k: rs.randn(*v.shape).astype(np.float32) for k, v in params.items()}
-               for _ in range(4)]
+  grads_seq = [
+    {k: rs.randn(*v.shape).astype(np.float32) for k, v in params.items()} for _ in range(4)
+  ]
   lrs = [0.0, 2.0, 4.0, 3.0]
   tx = lp.lars(lambda step: jnp.asarray(lrs)[step], weight_decay=0.05)
   state = tx.init(params)
@@ -70,9 +75,21 @@ def test_lars_matches_mae_with_a_changing_learning_rate():
 
 
 def _optim_cfg(name, **over):
-  c = mlc.ConfigDict(dict(name=name, lr=0.0, base_lr=0.1, min_lr=0.0, warmup_steps=0, b1=0.9,
-                          b2=0.999, eps=1e-8, weight_decay=0.0, momentum=0.9,
-                          trust_coefficient=0.001))
+  c = mlc.ConfigDict(
+    dict(
+      name=name,
+      lr=0.0,
+      base_lr=0.1,
+      min_lr=0.0,
+      warmup_steps=0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,
+      momentum=0.9,
+      trust_coefficient=0.001,
+    )
+  )
   c.update(over)
   return c
 
@@ -82,11 +99,13 @@ def test_probe_lr_rule():
   assert lp.probe_lr(_optim_cfg("adamw", lr=4e-3), 1024) == 4e-3
 
 
-@pytest.mark.parametrize("name, over", [("adamw", dict(lr=4e-3, weight_decay=1e-4)),
-                                        ("lars", dict(lr=6.4, warmup_steps=5))])   # 0.1 x 16384 / 256
+@pytest.mark.parametrize(
+  "name, over",
+  [("adamw", dict(lr=4e-3, weight_decay=1e-4)), ("lars", dict(lr=6.4, warmup_steps=5))],
+)  # 0.1 x 16384 / 256
 def test_probe_fits_separable_features(name, over):
   rs = np.random.RandomState(2)
-  centers = rs.randn(4, 8) * 4 + 10          # far from zero mean: BN has work to do
+  centers = rs.randn(4, 8) * 4 + 10  # far from zero mean: BN has work to do
   labels = rs.randint(0, 4, 512)
   feats = (centers[labels] + rs.randn(512, 8)).astype(np.float32)
   head = lp.ProbeHead(num_classes=4)
@@ -94,7 +113,7 @@ def test_probe_fits_separable_features(name, over):
   v = head.init(jax.random.PRNGKey(0), jnp.asarray(feats[:2]), train=False)
   params, stats, opt_state = v["params"], v["batch_stats"], tx.init(v["params"])
   step = jax.jit(lambda p, s, o, f, y: lp.head_step(head, tx, p, s, o, f, y))
-  for i in range(150):
+  for _ in range(150):
     idx = rs.randint(0, 512, 64)
     params, stats, opt_state, metrics = step(params, stats, opt_state, feats[idx], labels[idx])
   logits = lp.head_logits(head, params, stats, jnp.asarray(feats))

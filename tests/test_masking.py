@@ -1,4 +1,5 @@
 """Tests for mim_jax.masking: BEiT v2 block masks, random masks, CCViT replaced positions."""
+
 import math
 import random
 
@@ -11,9 +12,17 @@ from mim_jax import masking
 GRID = (14, 14)
 
 
-def reference_block_mask(py_rng: random.Random, np_rng: np.random.RandomState, grid=GRID,
-                         num_masked=75, min_block=16, min_aspect=0.3, exact=True):
-  """Straightforward re-implementation of §1.5 driven by Python's `random` (and
+def reference_block_mask(
+  py_rng: random.Random,
+  np_rng: np.random.RandomState,
+  grid=GRID,
+  num_masked=75,
+  min_block=16,
+  min_aspect=0.3,
+  exact=True,
+):
+  """Straightforward re-implementation of `microsoft/unilm:beit2/masking_generator.py`
+  (docs/reference_details.md#block-wise-masking) driven by Python's `random` (and
   np.random for the top-up), written independently of mim_jax.masking.
 
   Returns (flat int mask, count before the top-up, number of blocks placed,
@@ -34,7 +43,7 @@ def reference_block_mask(py_rng: random.Random, np_rng: np.random.RandomState, g
       if w < width and h < height:
         top = py_rng.randint(0, height - h)
         left = py_rng.randint(0, width - w)
-        already = mask[top:top + h, left:left + w].sum()
+        already = mask[top : top + h, left : left + w].sum()
         if 0 < h * w - already <= budget:
           first = first or (h, w)
           for i in range(top, top + h):
@@ -76,8 +85,9 @@ class _BlockRecorder:
 def _isolated_cells(masks):
   """Per mask: masked cells with no masked 4-neighbour (what a top-up leaves)."""
   padded = np.pad(masks, ((0, 0), (1, 1), (1, 1)))
-  neighbours = (padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2]
-                + padded[:, 1:-1, 2:])
+  neighbours = (
+    padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
+  )
   return ((masks > 0) & (neighbours == 0)).sum(axis=(1, 2)).astype(np.float64)
 
 
@@ -87,14 +97,15 @@ def _mask_stats(masks, counts_before, first_blocks):
   full_rows = (masks.sum(axis=2) == GRID[1]).any(axis=1)
   full_cols = (masks.sum(axis=1) == GRID[0]).any(axis=1)
   return dict(
-      count_before=np.asarray(counts_before, np.float64),
-      needs_top_up=(np.asarray(counts_before) < 75).astype(np.float64),
-      row_profile=masks.mean(axis=2),  # per-mask fraction masked in each row
-      col_profile=masks.mean(axis=1),
-      any_full_line=(full_rows | full_cols).astype(np.float64),
-      isolated_cells=_isolated_cells(masks),
-      first_block_hw=first,
-      first_block_log_aspect=np.log(first[:, 0] / first[:, 1]))
+    count_before=np.asarray(counts_before, np.float64),
+    needs_top_up=(np.asarray(counts_before) < 75).astype(np.float64),
+    row_profile=masks.mean(axis=2),  # per-mask fraction masked in each row
+    col_profile=masks.mean(axis=1),
+    any_full_line=(full_rows | full_cols).astype(np.float64),
+    isolated_cells=_isolated_cells(masks),
+    first_block_hw=first,
+    first_block_log_aspect=np.log(first[:, 0] / first[:, 1]),
+  )
 
 
 def _z(a, b):
@@ -135,8 +146,9 @@ def test_every_block_is_a_rectangle_smaller_than_the_grid(monkeypatch):
     for seed in range(300):
       recorder.blocks.clear()
       num_masked = 75 if grid == GRID else 40
-      mask = masking.block_mask(np.random.default_rng(seed), grid=grid, num_masked=num_masked,
-                                exact=False)
+      mask = masking.block_mask(
+        np.random.default_rng(seed), grid=grid, num_masked=num_masked, exact=False
+      )
       assert mask.sum() <= num_masked  # 10 failed attempts can leave it empty
       union = np.zeros(grid, bool)
       for before, after, budget, added in recorder.blocks:
@@ -145,7 +157,7 @@ def test_every_block_is_a_rectangle_smaller_than_the_grid(monkeypatch):
         rows, cols = np.nonzero(new)
         top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
         assert bottom - top + 1 < grid[0] and right - left + 1 < grid[1]
-        assert after[top:bottom + 1, left:right + 1].all()  # the whole rectangle is masked
+        assert after[top : bottom + 1, left : right + 1].all()  # the whole rectangle is masked
         union |= new
       np.testing.assert_array_equal(union.reshape(-1), mask)
 
@@ -214,7 +226,9 @@ def test_block_mask_loop_mode_reports_impossible_settings():
     masking.block_mask(np.random.default_rng(0), grid=(2, 2), num_masked=4, exact="loop")
 
 
-@pytest.mark.parametrize("kwargs, name", [
+@pytest.mark.parametrize(
+  "kwargs, name",
+  [
     (dict(num_masked=197), "num_masked"),
     (dict(num_masked=-1), "num_masked"),
     (dict(min_block=0), "min_block"),
@@ -224,7 +238,8 @@ def test_block_mask_loop_mode_reports_impossible_settings():
     (dict(exact="sometimes"), "exact"),
     (dict(grid=(14,)), "grid"),
     (dict(grid=(0, 14)), "grid"),
-])
+  ],
+)
 def test_block_mask_validates_arguments(kwargs, name):
   with pytest.raises(ValueError, match=name):
     masking.block_mask(np.random.default_rng(0), **kwargs)
@@ -238,8 +253,10 @@ def test_random_mask_exact_and_uniform():
   # Pairs too: all C(20, 2) pairs equally likely to be masked together.
   pair_counts = (draws[:, :, None] & draws[:, None, :]).sum(axis=0)[np.triu_indices(20, 1)]
   assert stats.chisquare(pair_counts).pvalue > 1e-4
-  np.testing.assert_array_equal(masking.random_mask(np.random.default_rng(3), 196, 75),
-                                masking.random_mask(np.random.default_rng(3), 196, 75))
+  np.testing.assert_array_equal(
+    masking.random_mask(np.random.default_rng(3), 196, 75),
+    masking.random_mask(np.random.default_rng(3), 196, 75),
+  )
   with pytest.raises(ValueError, match="num_masked"):
     masking.random_mask(rng, 10, 11)
 

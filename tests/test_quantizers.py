@@ -1,15 +1,18 @@
 """EMA vector quantizers vs NumPy re-derivations of the reference updates.
 
-NormEMAQuantizer follows BEiT v2 `norm_ema_quantizer.py` (reference_details §1.4),
-EMAQuantizer the VQ-VAE-2 / sonnet EMA update with Laplace smoothing. The NumPy
-versions below are written from those formulas in float64.
+NormEMAQuantizer follows `microsoft/unilm:beit2/norm_ema_quantizer.py`
+(docs/reference_details.md#vq-kd-quantizer), EMAQuantizer the VQ-VAE-2 / sonnet EMA update
+with Laplace smoothing. The NumPy versions below are written from those formulas in float64.
 """
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mim_jax import config_lib
 from mim_jax import quantizers as Q
@@ -25,7 +28,7 @@ def np_l2n(x):
 
 
 def np_assign(flat, w):
-  dist = (flat ** 2).sum(1, keepdims=True) + (w ** 2).sum(1) - 2.0 * flat @ w.T
+  dist = (flat**2).sum(1, keepdims=True) + (w**2).sum(1) - 2.0 * flat @ w.T
   return dist.argmin(1)
 
 
@@ -82,14 +85,17 @@ def train_step(q):
 
 
 def to_np(tree):
-  return jax.tree.map(lambda x: np.asarray(x, np.float64) if x.dtype != bool else np.asarray(x),
-                      dict(tree["codebook"]))
+  return jax.tree.map(
+    lambda x: np.asarray(x, np.float64) if x.dtype != bool else np.asarray(x),
+    dict(tree["codebook"]),
+  )
 
 
 def assert_state_close(got, want, keys):
   for key in keys:
-    np.testing.assert_allclose(np.asarray(got[key], np.float64), want[key], atol=ATOL, rtol=0,
-                               err_msg=key)
+    np.testing.assert_allclose(
+      np.asarray(got[key], np.float64), want[key], atol=ATOL, rtol=0, err_msg=key
+    )
 
 
 def init_vars(q, z):
@@ -99,11 +105,12 @@ def init_vars(q, z):
 # --------------------------------------------------------------------------- updates
 def test_norm_ema_updates_match_numpy():
   q = Q.NormEMAQuantizer(num_codes=K, dim=D, kmeans_init=False)
-  zs = batches(4, shape=(3, 6, D))   # 18 rows for 16 codes: some stay unused
+  zs = batches(4, shape=(3, 6, D))  # 18 rows for 16 codes: some stay unused
   variables = init_vars(q, zs[0])
   assert variables["codebook"]["initted"]
-  np.testing.assert_allclose(np.linalg.norm(variables["codebook"]["embedding"], axis=1), 1.0,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    np.linalg.norm(variables["codebook"]["embedding"], axis=1), 1.0, atol=1e-6
+  )
   state = to_np(variables)
   step = train_step(q)
   saw_unused = False
@@ -115,14 +122,16 @@ def test_norm_ema_updates_match_numpy():
     np.testing.assert_allclose(float(out.loss), want_loss, atol=ATOL)
     assert_state_close(got, want, ("embedding", "cluster_size"))
     # z_q is the pre-update code of each row, and lookup() returns the same rows.
-    np.testing.assert_allclose(np.asarray(out.z_q).reshape(-1, D), state["embedding"][want_ids],
-                               atol=ATOL)
+    np.testing.assert_allclose(
+      np.asarray(out.z_q).reshape(-1, D), state["embedding"][want_ids], atol=ATOL
+    )
     saw_unused |= bool((np.bincount(want_ids, minlength=K) == 0).any())
     state = want
   assert saw_unused, "the data should leave some codes unused to test that path"
   ids = jnp.asarray(want_ids[:5])
-  np.testing.assert_array_equal(q.apply(variables, ids, method="lookup"),
-                                np.asarray(got["embedding"])[want_ids[:5]])
+  np.testing.assert_array_equal(
+    q.apply(variables, ids, method="lookup"), np.asarray(got["embedding"])[want_ids[:5]]
+  )
 
 
 def test_norm_ema_unused_codes_keep_their_vector():
@@ -166,9 +175,13 @@ def test_ema_laplace_smoothing_formula():
   _, new = train_step(q)(init_vars(q, z), z)
   cb = new["codebook"]
   np.testing.assert_allclose(
-      cb["embedding"], np.asarray(cb["embed_avg"]) / np.asarray(
-          (cb["cluster_size"] + eps) / (cb["cluster_size"].sum() + 4 * eps)
-          * cb["cluster_size"].sum())[:, None], rtol=1e-6)
+    cb["embedding"],
+    np.asarray(cb["embed_avg"])
+    / np.asarray(
+      (cb["cluster_size"] + eps) / (cb["cluster_size"].sum() + 4 * eps) * cb["cluster_size"].sum()
+    )[:, None],
+    rtol=1e-6,
+  )
 
 
 def test_spherical_kmeans_init_runs_once():
@@ -182,8 +195,9 @@ def test_spherical_kmeans_init_runs_once():
   assert variables["codebook"]["initted"]
 
   flat = np_l2n(z1.astype(np.float64).reshape(-1, D))
-  rows = np.asarray(Q.sample_row_indices(jax.random.fold_in(jax.random.PRNGKey(7), 0),
-                                         flat.shape[0], K))
+  rows = np.asarray(
+    Q.sample_row_indices(jax.random.fold_in(jax.random.PRNGKey(7), 0), flat.shape[0], K)
+  )
   assert len(set(rows.tolist())) == K  # without replacement: enough rows
   means = np_spherical_kmeans(flat, flat[rows], 10)
   # The same forward then quantises with the k-means codes and EMA-updates them.
@@ -203,9 +217,10 @@ def test_kmeans_function_and_small_batch_sampling():
   rs = np.random.RandomState(5)
   samples = np_l2n(rs.randn(40, D))
   start = samples[:K].copy()
-  start[1] = start[0]   # a duplicate mean never wins a row (first index on ties): empty
-  got = Q.kmeans(jnp.asarray(samples, jnp.float32), jnp.asarray(start, jnp.float32), 10,
-                 spherical=True)
+  start[1] = start[0]  # a duplicate mean never wins a row (first index on ties): empty
+  got = Q.kmeans(
+    jnp.asarray(samples, jnp.float32), jnp.asarray(start, jnp.float32), 10, spherical=True
+  )
   np.testing.assert_allclose(got, np_spherical_kmeans(samples, start, 10), atol=ATOL)
   np.testing.assert_allclose(got[1], start[1], atol=ATOL)  # empty clusters keep their mean
   # Fewer rows than codes: with replacement (reference randint branch).
@@ -219,8 +234,11 @@ def test_straight_through_gradient_is_identity():
   w = rs.randn(2, 5, D).astype(np.float32)
   for q in (Q.EMAQuantizer(num_codes=K, dim=D), Q.NormEMAQuantizer(K, D, kmeans_init=False)):
     variables = init_vars(q, z)
-    grad = jax.grad(lambda z: jnp.sum(w * q.apply(variables, z, train=True,
-                                                   mutable=["codebook"])[0].z_q))(z)
+
+    def weighted_sum(z, q=q, variables=variables):
+      return jnp.sum(w * q.apply(variables, z, train=True, mutable=["codebook"])[0].z_q)
+
+    grad = jax.grad(weighted_sum)(z)
     if isinstance(q, Q.EMAQuantizer):
       want = w
     else:  # z_q = l2norm(z) + const: the gradient is the Jacobian of l2norm times w
@@ -234,10 +252,17 @@ def test_straight_through_gradient_is_identity():
 # --------------------------------------------------------------------------- devices
 def _quantizer_pair(cls, axis_name=None):
   if cls is Q.NormEMAQuantizer:
-    return cls(K, D, kmeans_init=True, restart_dead_codes=True, dead_code_threshold=0.005,
-               axis_name=axis_name)
-  return cls(K, D, kmeans_init=True, restart_dead_codes=True, dead_code_threshold=0.995,
-             axis_name=axis_name)
+    return cls(
+      K,
+      D,
+      kmeans_init=True,
+      restart_dead_codes=True,
+      dead_code_threshold=0.005,
+      axis_name=axis_name,
+    )
+  return cls(
+    K, D, kmeans_init=True, restart_dead_codes=True, dead_code_threshold=0.995, axis_name=axis_name
+  )
 
 
 @pytest.mark.parametrize("cls", [Q.NormEMAQuantizer, Q.EMAQuantizer])
@@ -245,7 +270,7 @@ def test_sharded_jit_and_shard_map_match_single_device(cls):
   devices = jax.devices()
   assert len(devices) == 8, "conftest sets 8 fake CPU devices"
   mesh = Mesh(np.asarray(devices), ("data",))
-  zs = batches(3, shape=(16, 6, D), seed=6)   # 96 rows, 12 per device
+  zs = batches(3, shape=(16, 6, D), seed=6)  # 96 rows, 12 per device
   q = _quantizer_pair(cls)
   variables0 = init_vars(q, zs[0])
 
@@ -261,7 +286,7 @@ def test_sharded_jit_and_shard_map_match_single_device(cls):
   batch_sh = NamedSharding(mesh, P("data"))
   repl = NamedSharding(mesh, P())
   v = jax.device_put(variables0, repl)
-  for (ids, metrics, state), z in zip(single, zs):
+  for (ids, _, state), z in zip(single, zs):
     out, v = step(v, jax.device_put(z, batch_sh))
     np.testing.assert_array_equal(np.asarray(out.ids), ids)
     for name, leaf in v["codebook"].items():
@@ -269,8 +294,7 @@ def test_sharded_jit_and_shard_map_match_single_device(cls):
       assert len(copies) == 8 and all(c.shape == leaf.shape for c in copies), name
       for c in copies[1:]:
         np.testing.assert_array_equal(c, copies[0], err_msg=name)
-      np.testing.assert_allclose(copies[0].astype(np.float64), state[name], atol=ATOL,
-                                 err_msg=name)
+      np.testing.assert_allclose(copies[0].astype(np.float64), state[name], atol=ATOL, err_msg=name)
 
   # (b) shard_map with axis_name='data': psum path.
   qm = _quantizer_pair(cls, axis_name="data")
@@ -279,8 +303,9 @@ def test_sharded_jit_and_shard_map_match_single_device(cls):
     out, new = qm.apply(v, z, train=True, mutable=["codebook"])
     return new, out.ids, out.metrics
 
-  mapped = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P("data")),
-                                 out_specs=(P(), P("data"), P())))
+  mapped = jax.jit(
+    jax.shard_map(body, mesh=mesh, in_specs=(P(), P("data")), out_specs=(P(), P("data"), P()))
+  )
   v = variables0
   for (ids, metrics, state), z in zip(single, zs):
     v, got_ids, got_metrics = mapped(v, jax.device_put(z, batch_sh))
@@ -292,13 +317,17 @@ def test_sharded_jit_and_shard_map_match_single_device(cls):
 
 def test_codebook_vars_are_replicated_by_trainer_sharding():
   q = Q.NormEMAQuantizer(K, D)
-  boxed = jax.eval_shape(lambda rng, z: q.init(rng, z, train=False), jax.random.PRNGKey(0),
-                         jnp.zeros((2, 3, D)))
+  boxed = jax.eval_shape(
+    lambda rng, z: q.init(rng, z, train=False), jax.random.PRNGKey(0), jnp.zeros((2, 3, D))
+  )
   mesh = sharding.make_mesh({"data": -1})
   shardings = sharding.logical_shardings(boxed, mesh, config_lib.base_config().sharding_rules)
   flat = jax.tree_util.tree_leaves_with_path(shardings)
   assert {jax.tree_util.keystr(p) for p, _ in flat} == {
-      "['codebook']['embedding']", "['codebook']['cluster_size']", "['codebook']['initted']"}
+    "['codebook']['embedding']",
+    "['codebook']['cluster_size']",
+    "['codebook']['initted']",
+  }
   assert all(s.spec == P() for _, s in flat)
   assert jax.tree.structure(nn.unbox(boxed)) == jax.tree.structure(boxed)
 
@@ -309,26 +338,28 @@ def test_eval_changes_nothing(cls):
   q = cls(K, D, kmeans_init=False, restart_dead_codes=True)
   z = batches(1, seed=8)[0]
   variables = init_vars(q, z)
-  variables = train_step(q)(variables, z)[1]   # a non-trivial state
+  variables = train_step(q)(variables, z)[1]  # a non-trivial state
   out, same = q.apply(variables, z, train=False, mutable=["codebook"])
   jax.tree.map(np.testing.assert_array_equal, same, variables)
-  out2 = q.apply(variables, z, train=True)     # train but immutable: no update either
+  out2 = q.apply(variables, z, train=True)  # train but immutable: no update either
   np.testing.assert_array_equal(out.ids, out2.ids)
   flat = np.asarray(z, np.float64).reshape(-1, D)
   if cls is Q.NormEMAQuantizer:
     flat = np_l2n(flat)
-  np.testing.assert_array_equal(np.asarray(out.ids).ravel(),
-                                np_assign(flat, to_np(variables)["embedding"]))
+  np.testing.assert_array_equal(
+    np.asarray(out.ids).ravel(), np_assign(flat, to_np(variables)["embedding"])
+  )
   counts = np.bincount(np.asarray(out.ids).ravel(), minlength=K)
   p = counts[counts > 0] / counts.sum()
-  np.testing.assert_allclose(out.metrics["codebook_perplexity"], np.exp(-(p * np.log(p)).sum()),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    out.metrics["codebook_perplexity"], np.exp(-(p * np.log(p)).sum()), rtol=1e-6
+  )
   assert out.metrics["codebook_used"] == (counts > 0).sum()
 
 
 @pytest.mark.parametrize("cls", [Q.NormEMAQuantizer, Q.EMAQuantizer])
 def test_dead_code_restart(cls):
-  z = batches(1, shape=(2, 5, D), seed=9)[0]   # 10 rows: many unused codes
+  z = batches(1, shape=(2, 5, D), seed=9)[0]  # 10 rows: many unused codes
   flat = np.asarray(z, np.float64).reshape(-1, D)
   if cls is Q.NormEMAQuantizer:
     flat = np_l2n(flat)
@@ -337,8 +368,8 @@ def test_dead_code_restart(cls):
   unused = np.flatnonzero(counts == 0)
   used = np.flatnonzero(counts > 0)
   cluster_size = np.full(K, 5.0, np.float32)
-  cluster_size[unused[::2]] = 0.0       # dead after the update (0 < 1e-3)
-  cluster_size[used[0]] = 0.0           # used now: 0.01 * count >= 1e-3, not dead
+  cluster_size[unused[::2]] = 0.0  # dead after the update (0 < 1e-3)
+  cluster_size[used[0]] = 0.0  # used now: 0.01 * count >= 1e-3, not dead
   want_dead = 0.99 * cluster_size + 0.01 * counts < 1e-3
   assert 0 < want_dead.sum() < len(unused)
   base = {"codebook": dict(base["codebook"], cluster_size=jnp.asarray(cluster_size))}
@@ -348,7 +379,7 @@ def test_dead_code_restart(cls):
   off, on = to_np(off), to_np(on)
   old = to_np(base)["embedding"]
   changed = np.abs(on["embedding"] - off["embedding"]).max(axis=1) > 0
-  np.testing.assert_array_equal(changed, want_dead)   # exactly the dead codes
+  np.testing.assert_array_equal(changed, want_dead)  # exactly the dead codes
   rows = np.asarray(Q.sample_row_indices(jax.random.fold_in(jax.random.PRNGKey(0), 1), 10, K))
   np.testing.assert_allclose(on["embedding"][want_dead], flat[rows][want_dead], atol=ATOL)
   np.testing.assert_array_equal(on["cluster_size"][want_dead], Q.RESTART_CLUSTER_SIZE)
@@ -360,8 +391,9 @@ def test_dead_code_restart(cls):
 
   # With a 'codebook' rng stream: deterministic given the key, rows of the batch.
   q = cls(K, D, kmeans_init=False, restart_dead_codes=True)
-  run = jax.jit(lambda key: q.apply(base, z, train=True, mutable=["codebook"],
-                                    rngs={"codebook": key})[1])
+  run = jax.jit(
+    lambda key: q.apply(base, z, train=True, mutable=["codebook"], rngs={"codebook": key})[1]
+  )
   a, b, c = (to_np(run(jax.random.PRNGKey(s)))["embedding"] for s in (1, 1, 2))
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)

@@ -1,4 +1,5 @@
 """Tests of the ViT backbone (mim_jax/models/vit.py) and its torch converter."""
+
 import math
 
 import flax.linen as nn
@@ -96,7 +97,10 @@ def _rel_err(a, b):
 
 
 def _loop_relative_position_index(h, w):
-  """Independent re-derivation of §1.1, written as explicit loops."""
+  """Independent re-derivation of BEiT's `RelativePositionBias` index, as explicit loops.
+
+  `microsoft/unilm:beit2/modeling_finetune.py`; docs/reference_details.md#beit-v2-backbone.
+  """
   num_rel = (2 * h - 1) * (2 * w - 1) + 3
   n = h * w
   index = np.empty((n + 1, n + 1), np.int64)
@@ -126,8 +130,9 @@ def test_relative_position_index_matches_loop_derivation():
   assert index[196, 1] == 26 * 27 + 26
   assert index[1, 1] == 13 * 27 + 13
   # Non-square grid: row offsets are multiplied by 2W-1.
-  np.testing.assert_array_equal(vit.relative_position_index((3, 5)),
-                                _loop_relative_position_index(3, 5))
+  np.testing.assert_array_equal(
+    vit.relative_position_index((3, 5)), _loop_relative_position_index(3, 5)
+  )
 
 
 def test_vit_kwargs():
@@ -156,9 +161,20 @@ def _randomise(torch, module, seed=0):
 
 def _timm_beit(torch, **kwargs):
   from timm.models.beit import Beit  # pylint: disable=g-import-not-at-top
+
   torch.manual_seed(0)
-  model = Beit(img_size=IMG, patch_size=4, embed_dim=64, depth=3, num_heads=4, num_classes=0,
-               init_values=0.1, global_pool='token', use_fc_norm=False, **kwargs).eval()
+  model = Beit(
+    img_size=IMG,
+    patch_size=4,
+    embed_dim=64,
+    depth=3,
+    num_heads=4,
+    num_classes=0,
+    init_values=0.1,
+    global_pool='token',
+    use_fc_norm=False,
+    **kwargs,
+  ).eval()
   _randomise(torch, model)
   return model
 
@@ -167,11 +183,14 @@ def _torch_images(torch, images):
   return torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy())
 
 
-@pytest.mark.parametrize('timm_flags, rel_pos, abs_pos', [
+@pytest.mark.parametrize(
+  'timm_flags, rel_pos, abs_pos',
+  [
     (dict(use_shared_rel_pos_bias=True, use_abs_pos_emb=False), 'shared', 'none'),
     (dict(use_rel_pos_bias=True, use_abs_pos_emb=False), 'per_layer', 'none'),
     (dict(use_shared_rel_pos_bias=True, use_abs_pos_emb=True), 'shared', 'learned'),
-])
+  ],
+)
 def test_model_parity_with_timm_beit(torch_ref, timm_flags, rel_pos, abs_pos):
   torch = torch_ref
   ref = _timm_beit(torch, **timm_flags)
@@ -191,6 +210,7 @@ def test_block_parity_with_timm_block(torch_ref):
   """Per-layer table plus a shared bias passed in, both added to the logits."""
   torch = torch_ref
   from timm.models.beit import Block as TimmBlock  # pylint: disable=g-import-not-at-top
+
   torch.manual_seed(1)
   ref = TimmBlock(dim=64, num_heads=4, qkv_bias=True, init_values=0.1, window_size=(4, 4)).eval()
   _randomise(torch, ref, seed=1)
@@ -209,8 +229,11 @@ def test_mask_token_mixing_matches_manual_torch(torch_ref):
   torch = torch_ref
   ref = _timm_beit(torch, use_shared_rel_pos_bias=True, use_abs_pos_emb=False)
   mask_token = np.random.RandomState(2).randn(1, 1, 64).astype(np.float32)
-  state = dict(ref.state_dict(), mask_token=torch.from_numpy(mask_token),
-               **{'lm_head.weight': torch.zeros(10, 64)})
+  state = dict(
+    ref.state_dict(),
+    mask_token=torch.from_numpy(mask_token),
+    **{'lm_head.weight': torch.zeros(10, 64)},
+  )
   params, unused = convert.beit_from_torch(state, depth=3, return_unused=True)
   assert unused == ['lm_head.weight']
   images = _images(batch=3)
@@ -295,8 +318,9 @@ def test_scan_init_rescales_each_layer():
 
 
 def test_timm_init_is_effectively_untruncated_with_torch_default_patch_conv():
-  params = _params(vit.VisionTransformer(**TINY, weight_init='timm', depth_rescale=False),
-                   _images())
+  params = _params(
+    vit.VisionTransformer(**TINY, weight_init='timm', depth_rescale=False), _images()
+  )
   values = np.concatenate([k.ravel() for _, k in _kernels(params, ('qkv', 'fc1', 'fc2'))])
   assert abs(values.std() - 0.02) < 5e-4
   assert np.abs(values).max() > 0.04  # beyond 2 std, so not truncated at +-2 std
@@ -310,8 +334,12 @@ def test_timm_init_is_effectively_untruncated_with_torch_default_patch_conv():
 def test_torch_default_block_init_and_zero_inits():
   block = vit.Block(dim=64, num_heads=4, weight_init='torch_default', rel_pos_grid=(4, 4))
   params = _params(block, jnp.zeros((1, 17, 64)))
-  for (sub, dense), fan_in in {('attn', 'qkv'): 64, ('attn', 'proj'): 64, ('mlp', 'fc1'): 64,
-                               ('mlp', 'fc2'): 256}.items():
+  for (sub, dense), fan_in in {
+    ('attn', 'qkv'): 64,
+    ('attn', 'proj'): 64,
+    ('mlp', 'fc1'): 64,
+    ('mlp', 'fc2'): 256,
+  }.items():
     layer = params[sub][dense]
     bound = 1 / math.sqrt(fan_in)
     assert np.abs(layer['kernel']).max() <= bound
@@ -340,16 +368,21 @@ def test_torch_default_init_helpers():
 
 
 def test_params_carry_logical_axis_names():
-  variables = jax.eval_shape(lambda: vit.VisionTransformer(**TINY, scan_layers=True).init(
-      _key(0), _images()))
+  variables = jax.eval_shape(
+    lambda: vit.VisionTransformer(**TINY, scan_layers=True).init(_key(0), _images())
+  )
   boxed = variables['params']
   assert boxed['blocks']['mlp']['fc1']['kernel'].names == ('layers', 'embed', 'mlp')
   assert boxed['blocks']['attn']['qkv']['kernel'].names == ('layers', 'embed', 'qkv')
   assert boxed['rel_pos_bias']['relative_position_bias_table'].names == (None, 'heads')
   specs = nn.get_partition_spec(variables)
-  assert all(len(spec) == np.ndim(leaf) for spec, leaf in zip(
+  assert all(
+    len(spec) == np.ndim(leaf)
+    for spec, leaf in zip(
       jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)),
-      jax.tree.leaves(nn.meta.unbox(variables))))
+      jax.tree.leaves(nn.meta.unbox(variables)),
+    )
+  )
 
 
 def test_sharded_apply_with_logical_rules_matches_unsharded():
@@ -361,8 +394,16 @@ def test_sharded_apply_with_logical_rules_matches_unsharded():
   params = _random_params(model, images)
   expected = _apply(model, params, images)['normed']
   mesh = jax.make_mesh((4, 2), ('data', 'model'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  rules = (('act_batch', 'data'), ('act_len', None), ('act_embed', None), ('embed', None),
-           ('mlp', 'model'), ('qkv', 'model'), ('heads', None), ('layers', None))
+  rules = (
+    ('act_batch', 'data'),
+    ('act_len', None),
+    ('act_embed', None),
+    ('embed', None),
+    ('mlp', 'model'),
+    ('qkv', 'model'),
+    ('heads', None),
+    ('layers', None),
+  )
   specs = nn.get_partition_spec(jax.eval_shape(lambda: model.init(_key(0), images)))['params']
   shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
   sharded = jax.device_put(params, shardings)
@@ -404,8 +445,9 @@ def test_unrolled_remat_matches_plain():
   plain = vit.VisionTransformer(**TINY)
   params = _random_params(plain, images)
   out = _apply(vit.VisionTransformer(**TINY, remat=True), params, images)
-  np.testing.assert_allclose(out['normed'], _apply(plain, params, images)['normed'],
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    out['normed'], _apply(plain, params, images)['normed'], rtol=1e-6, atol=1e-6
+  )
 
 
 def test_return_layers_validation():
@@ -423,7 +465,7 @@ def _all_eqns(jaxpr):
   for eqn in jaxpr.eqns:
     yield eqn
     for value in eqn.params.values():
-      for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
         inner = getattr(sub, 'jaxpr', sub)
         if hasattr(inner, 'eqns'):
           yield from _all_eqns(inner)
@@ -448,13 +490,18 @@ def test_bf16_compute_keeps_fp32_params_softmax_and_layernorm():
   assert len(rsqrts) >= 2 * 3 + 1
   assert all(e.outvars[0].aval.dtype == jnp.float32 for e in rsqrts)
   # Logits: bf16 operands accumulated into fp32.
-  logits = [e for e in eqns if e.primitive.name == 'dot_general'
-            and e.outvars[0].aval.dtype == jnp.float32
-            and e.invars[0].aval.dtype == jnp.bfloat16]
+  logits = [
+    e
+    for e in eqns
+    if e.primitive.name == 'dot_general'
+    and e.outvars[0].aval.dtype == jnp.float32
+    and e.invars[0].aval.dtype == jnp.bfloat16
+  ]
   assert len(logits) == 3
   # Dense layers really run in bf16.
-  bf16_dots = [e for e in eqns if e.primitive.name == 'dot_general'
-               and e.outvars[0].aval.dtype == jnp.bfloat16]
+  bf16_dots = [
+    e for e in eqns if e.primitive.name == 'dot_general' and e.outvars[0].aval.dtype == jnp.bfloat16
+  ]
   assert len(bf16_dots) >= 3 * 4
 
 
@@ -482,8 +529,9 @@ def test_drop_path_drops_whole_samples_and_rescales():
   candidates = {}
   for kept_1 in (0, 1):
     for kept_2 in (0, 1):
-      variant = dict(params, gamma_1=params['gamma_1'] * kept_1 / keep,
-                     gamma_2=params['gamma_2'] * kept_2 / keep)
+      variant = dict(
+        params, gamma_1=params['gamma_1'] * kept_1 / keep, gamma_2=params['gamma_2'] * kept_2 / keep
+      )
       candidates[(kept_1, kept_2)] = np.asarray(_apply(block, variant, x))
   seen = set()
   for i in range(batch):
@@ -533,11 +581,12 @@ def test_sincos_2d_pos_embed_layout():
     for c in range(w):
       row = table[1 + r * w + c]
       for k in range(quarter):
-        omega = 1.0 / 10000**(k / quarter)
+        omega = 1.0 / 10000 ** (k / quarter)
         np.testing.assert_allclose(
-            [row[k], row[quarter + k], row[2 * quarter + k], row[3 * quarter + k]],
-            [math.sin(r * omega), math.cos(r * omega), math.sin(c * omega),
-             math.cos(c * omega)], atol=1e-6)
+          [row[k], row[quarter + k], row[2 * quarter + k], row[3 * quarter + k]],
+          [math.sin(r * omega), math.cos(r * omega), math.sin(c * omega), math.cos(c * omega)],
+          atol=1e-6,
+        )
   np.testing.assert_array_equal(vit.sincos_2d_pos_embed((h, w), dim, cls_token=False), table[1:])
 
 
@@ -547,7 +596,10 @@ def test_sincos_abs_pos_is_added_to_tokens():
   with_pos = vit.VisionTransformer(**kwargs, abs_pos='sincos')
   params = _random_params(with_pos, images)
   assert 'pos_embed' not in params
-  diff = (_apply(with_pos, params, images)['last']
-          - _apply(vit.VisionTransformer(**kwargs), params, images)['last'])
-  np.testing.assert_allclose(diff, np.broadcast_to(vit.sincos_2d_pos_embed((8, 8), 64), diff.shape),
-                             atol=1e-5)
+  diff = (
+    _apply(with_pos, params, images)['last']
+    - _apply(vit.VisionTransformer(**kwargs), params, images)['last']
+  )
+  np.testing.assert_allclose(
+    diff, np.broadcast_to(vit.sincos_2d_pos_embed((8, 8), 64), diff.shape), atol=1e-5
+  )

@@ -2,6 +2,8 @@
 built from timm's BEiT ViT (the class modeling_vqkd.py's encoder/decoder come from), the
 training step (k-means init, EMA codebook in `extra`, teacher frozen), restoring a workdir
 as a tokenizer, and the recipe of configs/vqkd_vitb.py."""
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,8 @@ from mim_jax import config_lib
 from mim_jax import methods
 from mim_jax import sharding
 from mim_jax import train
-from mim_jax.methods import vqkd as vqkd_method
+from mim_jax.methods import common
+from mim_jax.models import convert
 from mim_jax.tokenizers import base as tok_base
 from mim_jax.tokenizers import vqkd
 
@@ -27,21 +30,32 @@ class _TorchVQKD:
 
   def __init__(self, torch):
     import timm  # pylint: disable=g-import-not-at-top
+
     nn = torch.nn
     torch.manual_seed(0)
-    common = dict(embed_dim=WIDTH, num_heads=4, num_classes=0, global_pool="avg",
-                  init_values=None, use_abs_pos_emb=True, use_rel_pos_bias=False,
-                  use_shared_rel_pos_bias=False)
+    common = dict(
+      embed_dim=WIDTH,
+      num_heads=4,
+      num_classes=0,
+      global_pool="avg",
+      init_values=None,
+      use_abs_pos_emb=True,
+      use_rel_pos_bias=False,
+      use_shared_rel_pos_bias=False,
+    )
     self.torch = torch
     self.encoder = timm.models.beit.Beit(img_size=SIZE, patch_size=PATCH, depth=2, **common)
-    self.decoder = timm.models.beit.Beit(img_size=SIZE // PATCH, patch_size=1,
-                                         in_chans=CODE_DIM, depth=1, **common)
-    self.encode_task_layer = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh(),
-                                           nn.Linear(WIDTH, CODE_DIM))
-    self.decode_task_layer = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh(),
-                                           nn.Linear(WIDTH, TARGET))
+    self.decoder = timm.models.beit.Beit(
+      img_size=SIZE // PATCH, patch_size=1, in_chans=CODE_DIM, depth=1, **common
+    )
+    self.encode_task_layer = nn.Sequential(
+      nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, CODE_DIM)
+    )
+    self.decode_task_layer = nn.Sequential(
+      nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, TARGET)
+    )
     self.codebook = torch.nn.functional.normalize(torch.randn(CODES, CODE_DIM), dim=-1)
-    with torch.no_grad():   # move every weight (zero biases, unit LN) away from its init
+    with torch.no_grad():  # move every weight (zero biases, unit LN) away from its init
       for m in (self.encoder, self.decoder, self.encode_task_layer, self.decode_task_layer):
         m.eval()
         for p in m.parameters():
@@ -54,9 +68,9 @@ class _TorchVQKD:
     sd["quantize.embedding.weight"] = self.codebook.clone()
     sd["quantize.embedding.initted"] = self.torch.tensor([True])
     sd["quantize.cluster_size"] = self.torch.rand(CODES)
-    sd["quantize.embedding.cluster_size"] = self.torch.zeros(CODES)   # unused buffers
+    sd["quantize.embedding.cluster_size"] = self.torch.zeros(CODES)  # unused buffers
     sd["quantize.embedding.embed_avg"] = self.torch.zeros(CODES, CODE_DIM)
-    sd["scaling_layer.shift"] = self.torch.zeros(1, 3, 1, 1)          # dropped on load
+    sd["scaling_layer.shift"] = self.torch.zeros(1, 3, 1, 1)  # dropped on load
     sd["teacher_model.visual.proj"] = self.torch.zeros(4, 4)
     return {"model": sd}
 
@@ -66,12 +80,11 @@ class _TorchVQKD:
       x = torch.from_numpy(x11).permute(0, 3, 1, 2)
       tokens = self.encoder.fc_norm(self.encoder.forward_features(x)[:, 1:])
       z = torch.nn.functional.normalize(self.encode_task_layer(tokens), dim=-1)
-      d = (z.pow(2).sum(-1, keepdim=True) + self.codebook.pow(2).sum(-1)
-           - 2 * z @ self.codebook.t())
+      d = z.pow(2).sum(-1, keepdim=True) + self.codebook.pow(2).sum(-1) - 2 * z @ self.codebook.t()
       ids = d.argmin(-1)
       z_q = self.codebook[ids]
       b, n, _ = z_q.shape
-      side = int(n ** 0.5)
+      side = int(n**0.5)
       z_q = z_q.transpose(1, 2).reshape(b, CODE_DIM, side, side)
       rec = self.decoder.fc_norm(self.decoder.forward_features(z_q)[:, 1:])
       return ids.numpy(), z.numpy(), self.decode_task_layer(rec).numpy()
@@ -88,11 +101,18 @@ def _images(n=3, seed=0):
 
 def test_official_layout_converts_and_matches_the_reference(reference):
   model, params, codebook, size = vqkd.convert_official_state_dict(
-      reference.state_dict(), num_heads=4, decoder_num_heads=4)
+    reference.state_dict(), num_heads=4, decoder_num_heads=4
+  )
   assert size == SIZE
-  assert (model.patch_size, model.embed_dim, model.depth, model.decoder_depth,
-          model.code_dim, model.num_codes, model.target_dim) == (
-              PATCH, WIDTH, 2, 1, CODE_DIM, CODES, TARGET)
+  assert (
+    model.patch_size,
+    model.embed_dim,
+    model.depth,
+    model.decoder_depth,
+    model.code_dim,
+    model.num_codes,
+    model.target_dim,
+  ) == (PATCH, WIDTH, 2, 1, CODE_DIM, CODES, TARGET)
   images = _images()
   ids_ref, z_ref, rec_ref = reference(images.astype(np.float32) / 127.5 - 1.0)
 
@@ -106,8 +126,9 @@ def test_official_layout_converts_and_matches_the_reference(reference):
   np.testing.assert_allclose(np.asarray(rec), rec_ref, atol=1e-4 * scale)
 
   # The tokenizer face: uint8 in, the same ids out; the view is Resize(256/224) + crop.
-  tok = vqkd.VQKDTokenizer.from_torch(reference.state_dict(), num_heads=4,
-                                      decoder_num_heads=4).as_tokenizer()
+  tok = vqkd.VQKDTokenizer.from_torch(
+    reference.state_dict(), num_heads=4, decoder_num_heads=4
+  ).as_tokenizer()
   assert tok.kind == "vqkd" and tok.codebook_size == CODES and tok.grid == (8, 8)
   assert (tok.view.size, tok.view.resize, tok.view.interpolation) == (32, 37, "bicubic")
   np.testing.assert_array_equal(np.asarray(tok.tokenize(images)), ids_ref)
@@ -130,8 +151,11 @@ def test_converter_names_what_does_not_fit(reference):
   enc_only = {k: v for k, v in sd.items() if not k.startswith(("decoder.", "decode_task"))}
   model, params, codebook, _ = vqkd.convert_official_state_dict(enc_only, num_heads=4)
   assert model.decoder_depth == 0 and "decoder" not in params
-  ids = model.apply({"params": params, "codebook": codebook},
-                    vqkd.to_model_range(jnp.asarray(_images(1))), method=vqkd.VQKD.tokenize)
+  ids = model.apply(
+    {"params": params, "codebook": codebook},
+    vqkd.to_model_range(jnp.asarray(_images(1))),
+    method=vqkd.VQKD.tokenize,
+  )
   assert ids.shape == (1, 64)
 
 
@@ -139,9 +163,10 @@ def test_cosine_rec_loss_is_one_minus_cosine_per_token():
   rng = np.random.default_rng(1)
   a, b = rng.normal(size=(2, 5, 7)), rng.normal(size=(2, 5, 7))
   cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
-  np.testing.assert_allclose(float(vqkd_method.cosine_rec_loss(jnp.asarray(a), jnp.asarray(b))),
-                             np.mean(1 - cos), rtol=1e-5)
-  assert float(vqkd_method.cosine_rec_loss(jnp.asarray(a), jnp.asarray(3 * a))) < 1e-6
+  np.testing.assert_allclose(
+    float(common.cosine_rec_loss(jnp.asarray(a), jnp.asarray(b))), np.mean(1 - cos), rtol=1e-5
+  )
+  assert float(common.cosine_rec_loss(jnp.asarray(a), jnp.asarray(3 * a))) < 1e-6
 
 
 # ----------------------------------------------------------------------------- training
@@ -153,7 +178,7 @@ def _tiny_config():
   c.model.width, c.model.depth, c.model.heads = 32, 1, 2
   c.vqkd.update(num_codes=16, decoder_width=32, decoder_heads=2)
   c.teacher.random_init = f"random:ViT-B/16,width=32,layers=1,patch_size={PATCH},image_size={SIZE}"
-  c.optim.warmup_steps = 0   # a real update at step 0
+  c.optim.warmup_steps = 0  # a real update at step 0
   return c
 
 
@@ -170,10 +195,14 @@ def test_train_step_initialises_the_codebook_and_restores_as_a_tokenizer(tmp_pat
   state = trainer.init_state(sample, state_sh)
   before = jax.device_get(state)
   assert not bool(before["extra"]["codebook"]["quantize"]["initted"])
-  assert "teacher" in before["consts"] and "teacher" not in before["params"]
-  step = trainer.make_step(state_sh)
+  # The teacher is a frozen input beside the state, never part of it (nor of checkpoints).
+  frozen, frozen_sh = trainer.frozen()
+  assert set(frozen) == {"teacher"} and "consts" not in before
+  assert "teacher" not in before["params"]
+  frozen_before = jax.device_get(frozen)
+  step = trainer.make_step(state_sh, frozen_sh)
   batch = sharding.global_batch(batch_np, mesh)
-  state, m1 = step(state, batch)
+  state, m1 = step(state, frozen, batch)
   after = jax.device_get(state)
   book = after["extra"]["codebook"]["quantize"]
   assert bool(book["initted"])
@@ -181,16 +210,20 @@ def test_train_step_initialises_the_codebook_and_restores_as_a_tokenizer(tmp_pat
   np.testing.assert_allclose(np.linalg.norm(book["embedding"], axis=-1), 1.0, rtol=1e-5)
   assert float(m1["codebook_used"]) >= 8
   assert np.isfinite(float(m1["loss"])) and 0.0 < float(m1["rec_loss"]) < 2.0
-  np.testing.assert_allclose(float(m1["loss"]), float(m1["rec_loss"]) + float(m1["quant_loss"]),
-                             rtol=1e-5)
-  assert not np.allclose(before["params"]["encoder"]["patch_embed"]["kernel"],
-                         after["params"]["encoder"]["patch_embed"]["kernel"])
-  jax.tree.map(np.testing.assert_array_equal, before["consts"], after["consts"])
-  paths = [jax.tree_util.keystr(p) for p, _ in
-           jax.tree_util.tree_flatten_with_path(after["params"])[0]]
+  np.testing.assert_allclose(
+    float(m1["loss"]), float(m1["rec_loss"]) + float(m1["quant_loss"]), rtol=1e-5
+  )
+  assert not np.allclose(
+    before["params"]["encoder"]["patch_embed"]["kernel"],
+    after["params"]["encoder"]["patch_embed"]["kernel"],
+  )
+  jax.tree.map(np.testing.assert_array_equal, frozen_before, jax.device_get(frozen))
+  paths = [
+    jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(after["params"])[0]
+  ]
   assert not any("embedding" in p or "quantize" in p for p in paths)
   # The second step runs the same compiled function and EMA-updates the codebook.
-  state, _ = step(state, batch)
+  state, _ = step(state, frozen, batch)
   book2 = jax.device_get(state)["extra"]["codebook"]["quantize"]
   assert not np.allclose(book2["embedding"], book["embedding"])
 
@@ -202,8 +235,11 @@ def test_train_step_initialises_the_codebook_and_restores_as_a_tokenizer(tmp_pat
   tok = tok_base.load_tokenizer(config_lib.mlc.ConfigDict({"kind": "vqkd", "path": workdir}))
   assert tok.codebook_size == 16 and tok.grid == (8, 8) and tok.view.size == SIZE
   final = jax.device_get(state)
-  expect = method.model.apply({"params": final["params"], "codebook": final["extra"]["codebook"]},
-                              vqkd.to_model_range(jnp.asarray(images)), method=vqkd.VQKD.tokenize)
+  expect = method.model.apply(
+    {"params": final["params"], "codebook": final["extra"]["codebook"]},
+    vqkd.to_model_range(jnp.asarray(images)),
+    method=vqkd.VQKD.tokenize,
+  )
   np.testing.assert_array_equal(np.asarray(tok.tokenize(images)), np.asarray(expect))
 
 
@@ -214,7 +250,11 @@ def test_config_recipe_and_clear_errors():
   assert (c.optim.b1, c.optim.b2, c.optim.clip_grad_norm) == (0.9, 0.99, 0.0)
   assert tuple(c.data.crop_scale) == (0.08, 1.0) and c.data.color_jitter == 0.0
   assert (c.vqkd.num_codes, c.vqkd.code_dim, c.vqkd.decoder_depth, c.vqkd.beta) == (
-      8192, 32, 3, 1.0)
+    8192,
+    32,
+    3,
+    1.0,
+  )
   with pytest.raises(ValueError, match=r"config\.teacher\.path is empty.*ViT-B/16"):
     methods.build(c)
   c.teacher.path = "/nonexistent/clip.npz"
@@ -226,3 +266,22 @@ def test_config_recipe_and_clear_errors():
     methods.build(bad)
   with pytest.raises(ValueError, match="decoder_depth=2"):
     config_lib.load_config("vqkd_vitb", "decoder_depth=2")
+
+
+def test_scanned_rematerialised_encoder_and_decoder_give_the_same_loss():
+  """model.scan_layers / model.remat act on the tokenizer's encoder and decoder blocks."""
+  config = _tiny_config()
+  config.model.depth = 2
+  method = methods.build(config)
+  batch = {"image": jnp.asarray(_images(2))}
+  variables = nn.unbox(method.init(jax.random.PRNGKey(0), batch))
+  params, extra = variables["params"], {"codebook": variables["codebook"]}
+  ref = method.loss(params, extra, method.consts(), batch, None, train=False)[0]
+  config.model.scan_layers = config.model.remat = True
+  scanned = methods.build(config)
+  stacked = {k: convert.stack_layers(v) if "blocks_0" in v else v for k, v in params.items()}
+  assert "blocks" in stacked["encoder"] and "blocks" in stacked["decoder"]
+  shapes = nn.unbox(jax.eval_shape(scanned.init, jax.random.PRNGKey(0), batch))["params"]
+  assert jax.tree.structure(shapes) == jax.tree.structure(stacked)
+  got = scanned.loss(stacked, extra, scanned.consts(), batch, None, train=False)[0]
+  np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)

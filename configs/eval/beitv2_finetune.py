@@ -19,25 +19,29 @@ Smoke run (2 CPU cores, 32 px Imagenette, 5 epochs):
   python -m mim_jax.evaluate --config=configs/eval/beitv2_finetune.py:runlocal \
       --config.init=random --workdir=/tmp/beitv2_ft_smoke
 """
+
 from mim_jax import config_lib
 from mim_jax.evaluation import config_base
 
-RECIPES = {   # lr, epochs, warm-up epochs, layer decay, drop path
-    "B/16": (5e-4, 100, 20, 0.65, 0.1),
-    "L/16": (5e-4, 50, 5, 0.8, 0.2),
+RECIPES = {  # lr, epochs, warm-up epochs, layer decay, drop path
+  "B/16": (5e-4, 100, 20, 0.65, 0.1),
+  "L/16": (5e-4, 50, 5, 0.8, 0.2),
 }
 
 
 def get_config(arg: str = ""):
   a = config_lib.parse_arg(arg, runlocal=False, variant="B/16")
   if a.variant not in RECIPES:
-    raise ValueError(f"config argument variant must be one of {sorted(RECIPES)} (BEiT v2 "
-                     f"Table 10), got {a.variant!r}")
+    raise ValueError(
+      f"config argument variant must be one of {sorted(RECIPES)} (BEiT v2 "
+      f"Table 10), got {a.variant!r}"
+    )
   lr, epochs, warmup, decay, drop_path = RECIPES[a.variant]
   c = config_base.base("finetune")
   c.model.variant = a.variant
-  config_base.finetune_recipe(c, lr=lr, epochs=epochs, warmup_epochs=warmup,
-                              layer_decay=decay, drop_path=drop_path)
+  config_base.finetune_recipe(
+    c, lr=lr, epochs=epochs, warmup_epochs=warmup, layer_decay=decay, drop_path=drop_path
+  )
   if a.runlocal:
     config_base.runlocal_finetune(c)
   return c

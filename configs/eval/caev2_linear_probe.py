@@ -3,8 +3,8 @@ without affine, LARS (base lr 0.1, lr = 0.1 x batch / 256, momentum 0.9, weight 
 10 warm-up + 80 epochs, RandomResizedCrop + flip views. `:variant=T/16|S/16|B/16|L/16`.
 
 The batch is the official script's 1024 (--use_cls, blr 0.1, bs 1024, 90 epochs;
-reference_details §5.4); the paper's Table 9 says 16384. `--config.batch_size=16384` gives
-the paper's (lr 6.4).
+`Atten4Vis/CAE:project/CAEv2/scripts/caev2_base_300e.sh`); the paper's Table 9 says 16384.
+`--config.batch_size=16384` gives the paper's (lr 6.4).
 
 Command:
   python -m mim_jax.evaluate --config=configs/eval/caev2_linear_probe.py:variant=B/16 \
@@ -17,6 +17,7 @@ Smoke run (2 CPU cores, 32 px Imagenette, precomputed features):
   python -m mim_jax.evaluate --config=configs/eval/caev2_linear_probe.py:runlocal \
       --config.init=random --workdir=/tmp/caev2_lin_smoke
 """
+
 from mim_jax import config_lib
 from mim_jax.evaluation import config_base
 
@@ -32,7 +33,7 @@ def get_config(arg: str = ""):
   c.model.abs_pos = "sincos"
   c.model.rel_pos = "none"
   config_base.lars_probe_recipe(c, pool="cls")
-  c.batch_size = 1024                 # the official script (paper: 16384)
+  c.batch_size = 1024  # the official script (paper: 16384)
   config_base.set_epochs(c, 90, warmup_epochs=10)
   c.eval_every = c.checkpoint_every
   if a.runlocal:

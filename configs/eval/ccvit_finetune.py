@@ -19,25 +19,26 @@ Smoke run (2 CPU cores, 32 px Imagenette, 5 epochs; init from the CCViT smoke ru
   python -m mim_jax.evaluate --config=configs/eval/ccvit_finetune.py:runlocal \
       --config.init=/tmp/ccvit_smoke --workdir=/tmp/ccvit_ft_smoke
 """
+
 from mim_jax import config_lib
 from mim_jax.evaluation import config_base
 
-RECIPES = {   # layer decay, drop path
-    "B/16": (0.65, 0.1),
-    "L/16": (0.8, 0.2),
+RECIPES = {  # layer decay, drop path
+  "B/16": (0.65, 0.1),
+  "L/16": (0.8, 0.2),
 }
 
 
 def get_config(arg: str = ""):
   a = config_lib.parse_arg(arg, runlocal=False, variant="B/16")
   if a.variant not in RECIPES:
-    raise ValueError(f"config argument variant must be one of {sorted(RECIPES)}, "
-                     f"got {a.variant!r}")
+    raise ValueError(f"config argument variant must be one of {sorted(RECIPES)}, got {a.variant!r}")
   decay, drop_path = RECIPES[a.variant]
   c = config_base.base("finetune")
   c.model.variant = a.variant
-  config_base.finetune_recipe(c, lr=2e-3, epochs=100, warmup_epochs=20, layer_decay=decay,
-                              drop_path=drop_path)
+  config_base.finetune_recipe(
+    c, lr=2e-3, epochs=100, warmup_epochs=20, layer_decay=decay, drop_path=drop_path
+  )
   if a.runlocal:
     config_base.runlocal_finetune(c)
   return c

@@ -20,6 +20,7 @@ layer decay 0.75 for a 4-block encoder, lr 1e-3):
   python -m mim_jax.evaluate --config=configs/eval/finetune.py:runlocal \
       --config.init=/tmp/ccvit_smoke --workdir=/tmp/finetune_smoke
 """
+
 from mim_jax import config_lib
 from mim_jax.evaluation import config_base
 
@@ -28,8 +29,9 @@ def get_config(arg: str = ""):
   a = config_lib.parse_arg(arg, runlocal=False, variant="B/16")
   c = config_base.base("finetune")
   c.model.variant = a.variant
-  config_base.finetune_recipe(c, lr=5e-4, epochs=100, warmup_epochs=20, layer_decay=0.65,
-                              drop_path=0.1)
+  config_base.finetune_recipe(
+    c, lr=5e-4, epochs=100, warmup_epochs=20, layer_decay=0.65, drop_path=0.1
+  )
   if a.runlocal:
     config_base.runlocal_finetune(c)
   return c

@@ -16,13 +16,13 @@ test images; a ViT-T/4-sized random encoder with init=random):
   python -m mim_jax.evaluate --config=configs/eval/knn.py:runlocal --config.init=random \
       --workdir=/tmp/knn_random
 """
+
 from mim_jax import config_lib
 from mim_jax.evaluation import config_base
 
 
 def get_config(arg: str = ""):
-  a = config_lib.parse_arg(arg, runlocal=False, variant="B/16", pool="mean", k=20,
-                           temperature=0.07)
+  a = config_lib.parse_arg(arg, runlocal=False, variant="B/16", pool="mean", k=20, temperature=0.07)
   c = config_base.base("knn")
   c.model.variant = a.variant
   c.pool = a.pool

@@ -22,6 +22,7 @@ Smoke run on 2 CPU cores (32 px Imagenette, features precomputed, 30 epochs of t
   python -m mim_jax.evaluate --config=configs/eval/linear_probe.py:runlocal \
       --config.init=/tmp/ccvit_smoke --workdir=/tmp/probe_smoke
 """
+
 from mim_jax import config_lib
 from mim_jax.evaluation import config_base
 

@@ -22,26 +22,29 @@ Smoke run (2 CPU cores, 32 px Imagenette, 5 epochs):
   python -m mim_jax.evaluate --config=configs/eval/mapet_finetune.py:runlocal \
       --config.init=random --workdir=/tmp/mapet_ft_smoke
 """
+
 from mim_jax import config_lib
 from mim_jax.evaluation import config_base
 
-RECIPES = {   # lr, epochs, layer decay (Table 9: "x" = none for ViT-T)
-    "T/16": (2.5e-4, 300, 1.0),
-    "S/16": (5e-3, 200, 0.65),
-    "B/16": (5e-4, 100, 0.65),
+RECIPES = {  # lr, epochs, layer decay (Table 9: "x" = none for ViT-T)
+  "T/16": (2.5e-4, 300, 1.0),
+  "S/16": (5e-3, 200, 0.65),
+  "B/16": (5e-4, 100, 0.65),
 }
 
 
 def get_config(arg: str = ""):
   a = config_lib.parse_arg(arg, runlocal=False, variant="B/16")
   if a.variant not in RECIPES:
-    raise ValueError(f"config argument variant must be one of {sorted(RECIPES)} (MaPeT "
-                     f"Table 9), got {a.variant!r}")
+    raise ValueError(
+      f"config argument variant must be one of {sorted(RECIPES)} (MaPeT Table 9), got {a.variant!r}"
+    )
   lr, epochs, decay = RECIPES[a.variant]
   c = config_base.base("finetune")
   c.model.variant = a.variant
-  config_base.finetune_recipe(c, lr=lr, epochs=epochs, warmup_epochs=20, layer_decay=decay,
-                              drop_path=0.1)
+  config_base.finetune_recipe(
+    c, lr=lr, epochs=epochs, warmup_epochs=20, layer_decay=decay, drop_path=0.1
+  )
   if a.runlocal:
     config_base.runlocal_finetune(c)
   return c

@@ -14,6 +14,7 @@ Smoke run (2 CPU cores, 32 px Imagenette, precomputed features):
   python -m mim_jax.evaluate --config=configs/eval/mapet_linear_probe.py:runlocal \
       --config.init=random --workdir=/tmp/mapet_lin_smoke
 """
+
 from mim_jax import config_lib
 from mim_jax.evaluation import config_base
 

@@ -1,7 +1,10 @@
 """Data: random-access sources, host-side transforms and grain loaders."""
+
 from mim_jax.data.pipeline import Loader
 from mim_jax.data.pipeline import make_eval_loader
 from mim_jax.data.pipeline import make_train_loader
+from mim_jax.data.pipeline import TrainLoader
+from mim_jax.data.pipeline import UnreadableDataError
 from mim_jax.data.sources import build_source
 from mim_jax.data.sources import EmbeddedPhotosSource
 from mim_jax.data.sources import ImageDecodeError

@@ -7,11 +7,13 @@ two-view RandomResizedCrop with ONE set of crop params for both views
 Views stay uint8: normalisation happens on device (`normalize`), because
 e.g. CCViT normalises only after replacing patches by centroids.
 """
+
 import math
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image
+from PIL import ImageEnhance
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -21,12 +23,12 @@ INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
 INTERPOLATIONS = {
-    'nearest': Image.Resampling.NEAREST,
-    'bilinear': Image.Resampling.BILINEAR,
-    'bicubic': Image.Resampling.BICUBIC,
-    'lanczos': Image.Resampling.LANCZOS,
-    'box': Image.Resampling.BOX,
-    'hamming': Image.Resampling.HAMMING,
+  'nearest': Image.Resampling.NEAREST,
+  'bilinear': Image.Resampling.BILINEAR,
+  'bicubic': Image.Resampling.BICUBIC,
+  'lanczos': Image.Resampling.LANCZOS,
+  'box': Image.Resampling.BOX,
+  'hamming': Image.Resampling.HAMMING,
 }
 
 Size = int | Sequence[int]  # int -> square; (height, width) otherwise.
@@ -46,8 +48,9 @@ def _resample(interpolation: str) -> Image.Resampling:
   try:
     return INTERPOLATIONS[interpolation]
   except KeyError:
-    raise ValueError(f'unknown interpolation {interpolation!r}; choose one of '
-                     f'{", ".join(INTERPOLATIONS)}') from None
+    raise ValueError(
+      f'unknown interpolation {interpolation!r}; choose one of {", ".join(INTERPOLATIONS)}'
+    ) from None
 
 
 def _height_width(size: Size) -> tuple[int, int]:
@@ -63,9 +66,12 @@ def _height_width(size: Size) -> tuple[int, int]:
 
 
 def random_resized_crop_params(
-    height: int, width: int, rng: np.random.Generator,
-    scale: Sequence[float] = (0.2, 1.0),
-    ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  height: int,
+  width: int,
+  rng: np.random.Generator,
+  scale: Sequence[float] = (0.2, 1.0),
+  ratio: Sequence[float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
   """torchvision `RandomResizedCrop.get_params`: (top, left, h, w).
 
   Up to 10 tries of (area ~ U(scale) * image area, log aspect ~ U(log ratio));
@@ -94,8 +100,9 @@ def random_resized_crop_params(
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _resized_crop(image: Image.Image, box: tuple[int, int, int, int],
-                  size: Size, interpolation: str) -> Image.Image:
+def _resized_crop(
+  image: Image.Image, box: tuple[int, int, int, int], size: Size, interpolation: str
+) -> Image.Image:
   top, left, h, w = box
   out_height, out_width = _height_width(size)
   # Crop first: PIL's resize(box=...) would filter across the crop border.
@@ -104,10 +111,15 @@ def _resized_crop(image: Image.Image, box: tuple[int, int, int, int],
 
 
 def two_view_random_resized_crop(
-    image: np.ndarray | Image.Image, rng: np.random.Generator, size1: Size,
-    size2: Size, scale: Sequence[float] = (0.2, 1.0),
-    ratio: Sequence[float] = (3 / 4, 4 / 3), interpolation1: str = 'bicubic',
-    interpolation2: str = 'bicubic') -> tuple[np.ndarray, np.ndarray]:
+  image: np.ndarray | Image.Image,
+  rng: np.random.Generator,
+  size1: Size,
+  size2: Size,
+  scale: Sequence[float] = (0.2, 1.0),
+  ratio: Sequence[float] = (3 / 4, 4 / 3),
+  interpolation1: str = 'bicubic',
+  interpolation2: str = 'bicubic',
+) -> tuple[np.ndarray, np.ndarray]:
   """One crop, two resizes: the student view and the tokenizer/teacher view.
 
   Scale (1, 1) with ratio (1, 1) always falls back to the centre square, the
@@ -123,9 +135,12 @@ def two_view_random_resized_crop(
   return np.asarray(view1), np.asarray(view2)
 
 
-def resize_center_crop(image: np.ndarray | Image.Image, size: Size,
-                       resize_size: int | None = None,
-                       interpolation: str = 'bicubic') -> np.ndarray:
+def resize_center_crop(
+  image: np.ndarray | Image.Image,
+  size: Size,
+  resize_size: int | None = None,
+  interpolation: str = 'bicubic',
+) -> np.ndarray:
   """torchvision Resize(shorter side = resize_size) -> CenterCrop(size).
 
   resize_size defaults to the crop size (CLIP / MaPeT token caches); CCViT's
@@ -146,10 +161,10 @@ def resize_center_crop(image: np.ndarray | Image.Image, size: Size,
   top = int(round((new_height - crop_height) / 2.0))
   left = int(round((new_width - crop_width) / 2.0))
   if top < 0 or left < 0:
-    raise ValueError(f'crop {crop_height}x{crop_width} is larger than the '
-                     f'resized image {new_height}x{new_width}')
-  return np.asarray(pil.crop((left, top, left + crop_width,
-                              top + crop_height)))
+    raise ValueError(
+      f'crop {crop_height}x{crop_width} is larger than the resized image {new_height}x{new_width}'
+    )
+  return np.asarray(pil.crop((left, top, left + crop_width, top + crop_height)))
 
 
 # ----------------------------------------------------------------------------
@@ -157,8 +172,9 @@ def resize_center_crop(image: np.ndarray | Image.Image, size: Size,
 # ----------------------------------------------------------------------------
 
 
-def horizontal_flip(image: np.ndarray | Image.Image, rng: np.random.Generator,
-                    p: float = 0.5) -> np.ndarray | Image.Image:
+def horizontal_flip(
+  image: np.ndarray | Image.Image, rng: np.random.Generator, p: float = 0.5
+) -> np.ndarray | Image.Image:
   """Mirrors left-right with probability p; returns the input's type."""
   if rng.random() >= p:
     return image
@@ -175,10 +191,14 @@ def _adjust_hue(image: Image.Image, hue_factor: float) -> Image.Image:
   return Image.merge('HSV', (Image.fromarray(hue, 'L'), s, v)).convert('RGB')
 
 
-def color_jitter(image: np.ndarray | Image.Image, rng: np.random.Generator,
-                 brightness: float = 0.4, contrast: float = 0.4,
-                 saturation: float = 0.4,
-                 hue: float = 0.0) -> np.ndarray | Image.Image:
+def color_jitter(
+  image: np.ndarray | Image.Image,
+  rng: np.random.Generator,
+  brightness: float = 0.4,
+  contrast: float = 0.4,
+  saturation: float = 0.4,
+  hue: float = 0.0,
+) -> np.ndarray | Image.Image:
   """torchvision ColorJitter on a PIL/uint8 image; returns the input's type.
 
   Factors ~ U[max(0, 1 - v), 1 + v] (hue ~ U[-hue, hue]), applied in a random
@@ -208,8 +228,9 @@ def color_jitter(image: np.ndarray | Image.Image, rng: np.random.Generator,
 # ----------------------------------------------------------------------------
 
 
-def normalize(x, mean: Sequence[float] = IMAGENET_MEAN,
-              std: Sequence[float] = IMAGENET_STD, dtype=np.float32):
+def normalize(
+  x, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, dtype=np.float32
+):
   """(x - mean) / std over the last (channel) axis; numpy or jax arrays.
 
   Integer inputs are pixels in [0, 255] and are divided by 255 first (like
@@ -247,15 +268,19 @@ class TwoViewTransform:
   uses crop_scale = crop_ratio = (1, 1) and hflip False.
   """
 
-  def __init__(self, image_size: Size = 224,
-               second_image_size: Size | None = None,
-               crop_scale: Sequence[float] = (0.2, 1.0),
-               crop_ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: bool = True,
-               color_jitter: float = 0.4, interpolation: str = 'bicubic',
-               second_interpolation: str = 'bicubic'):
+  def __init__(
+    self,
+    image_size: Size = 224,
+    second_image_size: Size | None = None,
+    crop_scale: Sequence[float] = (0.2, 1.0),
+    crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+    hflip: bool = True,
+    color_jitter: float = 0.4,
+    interpolation: str = 'bicubic',
+    second_interpolation: str = 'bicubic',
+  ):
     self.image_size = image_size
-    self.second_image_size = (image_size if second_image_size is None
-                              else second_image_size)
+    self.second_image_size = image_size if second_image_size is None else second_image_size
     self.crop_scale = tuple(float(s) for s in crop_scale)
     self.crop_ratio = tuple(float(r) for r in crop_ratio)
     self.hflip = bool(hflip)
@@ -265,69 +290,80 @@ class TwoViewTransform:
     _resample(interpolation)  # Fail at construction, not in a worker.
     _resample(second_interpolation)
     if not 0 < self.crop_scale[0] <= self.crop_scale[1]:
-      raise ValueError(f'crop_scale must satisfy 0 < min <= max, got '
-                       f'{self.crop_scale}')
+      raise ValueError(f'crop_scale must satisfy 0 < min <= max, got {self.crop_scale}')
     if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-      raise ValueError(f'crop_ratio must satisfy 0 < min <= max, got '
-                       f'{self.crop_ratio}')
+      raise ValueError(f'crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}')
     if self.color_jitter < 0:
       raise ValueError(f'color_jitter must be >= 0, got {self.color_jitter}')
 
   @classmethod
   def from_config(cls, cfg: Any) -> 'TwoViewTransform':
     """From a ConfigDict / mapping; missing fields keep the defaults."""
-    fields = ('image_size', 'second_image_size', 'crop_scale', 'crop_ratio',
-              'hflip', 'color_jitter', 'interpolation', 'second_interpolation')
+    fields = (
+      'image_size',
+      'second_image_size',
+      'crop_scale',
+      'crop_ratio',
+      'hflip',
+      'color_jitter',
+      'interpolation',
+      'second_interpolation',
+    )
     return cls(**{f: cfg[f] for f in fields if f in cfg})
 
   @property
   def views_identical(self) -> bool:
-    return (_height_width(self.image_size) ==
-            _height_width(self.second_image_size) and
-            self.interpolation == self.second_interpolation)
+    return (
+      _height_width(self.image_size) == _height_width(self.second_image_size)
+      and self.interpolation == self.second_interpolation
+    )
 
-  def __call__(self, example: dict[str, Any],
-               rng: np.random.Generator) -> dict[str, Any]:
+  def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     pil = _to_pil(example['image'])
     if self.color_jitter > 0:
-      pil = color_jitter(pil, rng, self.color_jitter, self.color_jitter,
-                         self.color_jitter, 0.0)
+      pil = color_jitter(pil, rng, self.color_jitter, self.color_jitter, self.color_jitter, 0.0)
     if self.hflip:
       pil = horizontal_flip(pil, rng)
-    box = random_resized_crop_params(pil.height, pil.width, rng,
-                                     self.crop_scale, self.crop_ratio)
-    view1 = np.asarray(_resized_crop(pil, box, self.image_size,
-                                     self.interpolation))
-    view2 = view1 if self.views_identical else np.asarray(
-        _resized_crop(pil, box, self.second_image_size,
-                      self.second_interpolation))
+    box = random_resized_crop_params(pil.height, pil.width, rng, self.crop_scale, self.crop_ratio)
+    view1 = np.asarray(_resized_crop(pil, box, self.image_size, self.interpolation))
+    view2 = (
+      view1
+      if self.views_identical
+      else np.asarray(_resized_crop(pil, box, self.second_image_size, self.second_interpolation))
+    )
     return {**_pass_through(example), 'image': view1, 'image2': view2}
 
   def __repr__(self) -> str:
-    return (f'TwoViewTransform(image_size={self.image_size!r}, '
-            f'second_image_size={self.second_image_size!r}, '
-            f'crop_scale={self.crop_scale}, crop_ratio={self.crop_ratio}, '
-            f'hflip={self.hflip}, color_jitter={self.color_jitter}, '
-            f'interpolation={self.interpolation!r}, '
-            f'second_interpolation={self.second_interpolation!r})')
+    return (
+      f'TwoViewTransform(image_size={self.image_size!r}, '
+      f'second_image_size={self.second_image_size!r}, '
+      f'crop_scale={self.crop_scale}, crop_ratio={self.crop_ratio}, '
+      f'hflip={self.hflip}, color_jitter={self.color_jitter}, '
+      f'interpolation={self.interpolation!r}, '
+      f'second_interpolation={self.second_interpolation!r})'
+    )
 
 
 class EvalTransform:
   """Resize (shorter side) -> CenterCrop, one view: transform(example)."""
 
-  def __init__(self, image_size: Size = 224, resize_size: int | None = None,
-               interpolation: str = 'bicubic'):
+  def __init__(
+    self, image_size: Size = 224, resize_size: int | None = None, interpolation: str = 'bicubic'
+  ):
     self.image_size = image_size
     self.resize_size = resize_size
     self.interpolation = interpolation
     _resample(interpolation)
 
   def __call__(self, example: dict[str, Any]) -> dict[str, Any]:
-    image = resize_center_crop(example['image'], self.image_size,
-                               self.resize_size, self.interpolation)
+    image = resize_center_crop(
+      example['image'], self.image_size, self.resize_size, self.interpolation
+    )
     return {**_pass_through(example), 'image': image}
 
   def __repr__(self) -> str:
-    return (f'EvalTransform(image_size={self.image_size!r}, '
-            f'resize_size={self.resize_size!r}, '
-            f'interpolation={self.interpolation!r})')
+    return (
+      f'EvalTransform(image_size={self.image_size!r}, '
+      f'resize_size={self.resize_size!r}, '
+      f'interpolation={self.interpolation!r})'
+    )

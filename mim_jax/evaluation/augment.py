@@ -12,6 +12,7 @@ RandAugment and the *position* of the erased box. Device side (JAX, per batch): 
 normalisation, filling the box with N(0, 1) noise in normalised space (timm's 'pixel'
 mode), and mixup / cutmix with their soft labels.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,21 +21,38 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
+from PIL import ImageEnhance
+from PIL import ImageOps
 
 from mim_jax.data import transforms
 
 # ----------------------------------------------------------------------------- RandAugment
 # timm `_RAND_INCREASING_TRANSFORMS` ('inc1'): ops whose strength grows with the magnitude.
 RAND_INCREASING_OPS = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
-    "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
-    "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel",
-    "TranslateYRel")
+  "AutoContrast",
+  "Equalize",
+  "Invert",
+  "Rotate",
+  "PosterizeIncreasing",
+  "SolarizeIncreasing",
+  "SolarizeAdd",
+  "ColorIncreasing",
+  "ContrastIncreasing",
+  "BrightnessIncreasing",
+  "SharpnessIncreasing",
+  "ShearX",
+  "ShearY",
+  "TranslateXRel",
+  "TranslateYRel",
+)
 _LEVEL_DENOM = 10.0
-_ENHANCE = {"ColorIncreasing": ImageEnhance.Color, "ContrastIncreasing": ImageEnhance.Contrast,
-            "BrightnessIncreasing": ImageEnhance.Brightness,
-            "SharpnessIncreasing": ImageEnhance.Sharpness}
+_ENHANCE = {
+  "ColorIncreasing": ImageEnhance.Color,
+  "ContrastIncreasing": ImageEnhance.Contrast,
+  "BrightnessIncreasing": ImageEnhance.Brightness,
+  "SharpnessIncreasing": ImageEnhance.Sharpness,
+}
 
 
 def fill_color(mean: Sequence[float] = transforms.IMAGENET_MEAN) -> tuple[int, ...]:
@@ -63,8 +81,9 @@ def op_argument(name: str, magnitude: float, negate: bool, translate_pct: float 
   return None
 
 
-def apply_op(img: Image.Image, name: str, arg, *, fill=fill_color(),
-             resample=Image.Resampling.BICUBIC) -> Image.Image:
+def apply_op(
+  img: Image.Image, name: str, arg, *, fill=fill_color(), resample=Image.Resampling.BICUBIC
+) -> Image.Image:
   """One RandAugment op on an RGB PIL image (semantics of timm's op functions)."""
   affine = dict(resample=resample, fillcolor=fill)
   w, h = img.size
@@ -77,7 +96,7 @@ def apply_op(img: Image.Image, name: str, arg, *, fill=fill_color(),
   if name == "Rotate":
     return img.rotate(arg, **affine)
   if name == "PosterizeIncreasing":
-    if arg <= 0:   # magnitude 10 keeps 0 bits: black, as Pillow < 11 did (now it raises)
+    if arg <= 0:  # magnitude 10 keeps 0 bits: black, as Pillow < 11 did (now it raises)
       return img.point([0] * 256 * len(img.getbands()))
     return img if arg >= 8 else ImageOps.posterize(img, arg)
   if name == "SolarizeIncreasing":
@@ -103,9 +122,16 @@ class RandAugment:
   replacement, each applied with probability `prob` at magnitude ~ N(M, S) clipped to
   [0, 10] (redrawn per op application)."""
 
-  def __init__(self, magnitude: float = 9, magnitude_std: float = 0.5, num_ops: int = 2,
-               prob: float = 0.5, mean: Sequence[float] = transforms.IMAGENET_MEAN,
-               interpolation: str = "bicubic", ops: Sequence[str] = RAND_INCREASING_OPS):
+  def __init__(
+    self,
+    magnitude: float = 9,
+    magnitude_std: float = 0.5,
+    num_ops: int = 2,
+    prob: float = 0.5,
+    mean: Sequence[float] = transforms.IMAGENET_MEAN,
+    interpolation: str = "bicubic",
+    ops: Sequence[str] = RAND_INCREASING_OPS,
+  ):
     self.magnitude, self.magnitude_std = float(magnitude), float(magnitude_std)
     self.num_ops, self.prob, self.ops = int(num_ops), float(prob), tuple(ops)
     self.fill = fill_color(mean)
@@ -116,18 +142,26 @@ class RandAugment:
     """Parses timm's config string, e.g. 'rand-m9-mstd0.5-inc1' (increasing ops only)."""
     parts = spec.split("-")
     if parts[0] != "rand":
-      raise ValueError(f"config.data.rand_augment must look like 'rand-m9-mstd0.5-inc1', "
-                       f"got {spec!r}")
+      raise ValueError(
+        f"config.data.rand_augment must look like 'rand-m9-mstd0.5-inc1', got {spec!r}"
+      )
     args = dict(magnitude=10.0, magnitude_std=0.0, num_ops=2, prob=0.5)
     for part in parts[1:]:
-      for key, field in (("mstd", "magnitude_std"), ("m", "magnitude"), ("n", "num_ops"),
-                         ("p", "prob"), ("inc", None)):
-        if part.startswith(key) and part[len(key):].replace(".", "", 1).isdigit():
-          if field is None and part[len(key):] != "1":
-            raise ValueError(f"config.data.rand_augment: only the increasing ops (inc1) "
-                             f"are implemented, got {spec!r}")
+      for key, field in (
+        ("mstd", "magnitude_std"),
+        ("m", "magnitude"),
+        ("n", "num_ops"),
+        ("p", "prob"),
+        ("inc", None),
+      ):
+        if part.startswith(key) and part[len(key) :].replace(".", "", 1).isdigit():
+          if field is None and part[len(key) :] != "1":
+            raise ValueError(
+              f"config.data.rand_augment: only the increasing ops (inc1) "
+              f"are implemented, got {spec!r}"
+            )
           if field:
-            args[field] = float(part[len(key):])
+            args[field] = float(part[len(key) :])
           break
       else:
         raise ValueError(f"config.data.rand_augment: cannot parse {part!r} in {spec!r}")
@@ -147,9 +181,16 @@ class RandAugment:
 
 
 # ----------------------------------------------------------------------------- erasing
-def random_erasing_box(rng: np.random.Generator, height: int, width: int, *,
-                       probability: float = 0.25, min_area: float = 0.02,
-                       max_area: float = 1 / 3, min_aspect: float = 0.3) -> np.ndarray:
+def random_erasing_box(
+  rng: np.random.Generator,
+  height: int,
+  width: int,
+  *,
+  probability: float = 0.25,
+  min_area: float = 0.02,
+  max_area: float = 1 / 3,
+  min_aspect: float = 0.3,
+) -> np.ndarray:
   """timm RandomErasing's box (one box, 10 attempts): int32 [top, left, h, w]; h = 0: none."""
   if rng.random() > probability:
     return np.zeros(4, np.int32)
@@ -182,30 +223,42 @@ def erase(rng: jax.Array, images: jax.Array, boxes: jax.Array) -> jax.Array:
 class FinetuneTrainTransform:
   """RandomResizedCrop -> hflip -> RandAugment (uint8) + the random-erasing box."""
 
-  def __init__(self, image_size: int, *, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
-               interpolation: str = "bicubic", hflip: bool = True,
-               rand_augment: str = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
-               mean: Sequence[float] = transforms.IMAGENET_MEAN):
+  def __init__(
+    self,
+    image_size: int,
+    *,
+    crop_scale=(0.08, 1.0),
+    crop_ratio=(3 / 4, 4 / 3),
+    interpolation: str = "bicubic",
+    hflip: bool = True,
+    rand_augment: str = "rand-m9-mstd0.5-inc1",
+    reprob: float = 0.25,
+    mean: Sequence[float] = transforms.IMAGENET_MEAN,
+  ):
     self.image_size = int(image_size)
     self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
     self.resample = transforms.INTERPOLATIONS[interpolation]
     self.hflip, self.reprob = bool(hflip), float(reprob)
-    self.rand_augment = (RandAugment.from_string(rand_augment, mean=mean,
-                                                 interpolation=interpolation)
-                         if rand_augment else None)
+    self.rand_augment = (
+      RandAugment.from_string(rand_augment, mean=mean, interpolation=interpolation)
+      if rand_augment
+      else None
+    )
 
   def __call__(self, example: dict, rng: np.random.Generator) -> dict:
     pil = Image.fromarray(np.asarray(example["image"], np.uint8)).convert("RGB")
     top, left, h, w = transforms.random_resized_crop_params(
-        pil.height, pil.width, rng, self.crop_scale, self.crop_ratio)
+      pil.height, pil.width, rng, self.crop_scale, self.crop_ratio
+    )
     pil = pil.crop((left, top, left + w, top + h)).resize((self.image_size,) * 2, self.resample)
     pil = transforms.horizontal_flip(pil, rng) if self.hflip else pil
     if self.rand_augment is not None:
       pil = self.rand_augment(pil, rng)
     out = {k: v for k, v in example.items() if k != "image"}
     out["image"] = np.asarray(pil, np.uint8)
-    out["erase"] = random_erasing_box(rng, self.image_size, self.image_size,
-                                      probability=self.reprob)
+    out["erase"] = random_erasing_box(
+      rng, self.image_size, self.image_size, probability=self.reprob
+    )
     return out
 
 
@@ -224,7 +277,7 @@ def cutmix_box(lam: jax.Array, cy: jax.Array, cx: jax.Array, height: int, width:
   (timm >= 0.9 ends it at c + (cut + 1)//2); lam is corrected to the area actually cut.
   """
   ratio = jnp.sqrt(1.0 - lam)
-  cut_h = jnp.floor(height * ratio).astype(jnp.int32)     # int() of a non-negative float
+  cut_h = jnp.floor(height * ratio).astype(jnp.int32)  # int() of a non-negative float
   cut_w = jnp.floor(width * ratio).astype(jnp.int32)
   yl = jnp.clip(cy - cut_h // 2, 0, height)
   yh = jnp.clip(cy + cut_h // 2, 0, height)
@@ -234,9 +287,18 @@ def cutmix_box(lam: jax.Array, cy: jax.Array, cx: jax.Array, height: int, width:
   return (yl, yh, xl, xh), corrected
 
 
-def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, *, num_classes: int,
-                 mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0,
-                 switch_prob: float = 0.5, label_smoothing: float = 0.1):
+def mixup_cutmix(
+  rng: jax.Array,
+  images: jax.Array,
+  labels: jax.Array,
+  *,
+  num_classes: int,
+  mixup_alpha: float = 0.8,
+  cutmix_alpha: float = 1.0,
+  prob: float = 1.0,
+  switch_prob: float = 0.5,
+  label_smoothing: float = 0.1,
+):
   """timm Mixup in 'batch' mode on a (global) batch: every image is mixed with its mirror
   in the batch (x.flip(0)); one lam and one box for the whole batch.
 
@@ -274,13 +336,12 @@ def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, *, num_cl
   return out, y1 * lam + y2 * (1.0 - lam), lam
 
 
-def soft_cross_entropy(logits: jax.Array, targets: jax.Array,
-                       weights: jax.Array | None = None) -> jax.Array:
+def soft_cross_entropy(
+  logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
   """timm SoftTargetCrossEntropy: mean over rows of sum(-t * log_softmax(logits)), fp32."""
   losses = -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32), -1), -1)
   if weights is None:
     return losses.mean()
   weights = weights.astype(jnp.float32)
   return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-

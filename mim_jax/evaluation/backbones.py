@@ -6,7 +6,8 @@ r"""Pre-trained encoders for evaluation: loading, architecture inference, rel-po
     live outside it and are dropped); stacked (scanned) layers are unstacked;
   * an official PyTorch checkpoint (.pth/.pt/.bin, needs torch): BEiT v2 (timm `Beit` key
     layout, shared `rel_pos_bias.*` table) or a CAE v2 encoder (`encoder.*` keys, fixed 2-D
-    sin-cos `pos_embed`, no relative position bias), spec §1.1 / §5.1;
+    sin-cos `pos_embed`, no relative position bias), docs/reference_details.md#beit-v2-backbone
+    and #cae-v2-encoder;
   * a converted `.npz` (`python -m mim_jax.evaluation.backbones --checkpoint=X.pth
     --out=X.npz`, which needs torch once; the .npz carries its own spec);
   * 'random': a randomly initialised encoder of config.model's architecture (the baseline).
@@ -16,10 +17,12 @@ depth, MLP ratio, layer scale, k bias, shared / per-layer / no rel-pos, learned 
 the head count and a fixed sin-cos position embedding leave no trace in the weights and come
 from the checkpoint's config.json or the evaluation config (config.model).
 
-Fine-tuning (§1.1 / §1.7, BEiT `run_class_finetuning.py`): the shared relative position
+Fine-tuning (docs/reference_details.md#beit-fine-tuning, microsoft/unilm:beit2/
+run_class_finetuning.py): the shared relative position
 table is copied into every block's own table and, when the patch grid changes, resized by
 the reference's geometric-progression + bicubic spline interpolation (`resize_rel_pos_table`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +34,7 @@ import re
 import jax
 import numpy as np
 
-from mim_jax import features
+from mim_jax import checkpoint
 from mim_jax import torch_io
 from mim_jax.models import convert
 from mim_jax.models import vit
@@ -43,24 +46,33 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar")
 @dataclasses.dataclass(frozen=True)
 class BackboneSpec:
   """The encoder architecture, enough to build `vit.VisionTransformer` for its params."""
+
   patch_size: int
   embed_dim: int
   depth: int
   num_heads: int
   mlp_ratio: float = 4.0
-  rel_pos: str = "shared"            # 'shared' | 'per_layer' | 'none'
-  abs_pos: str = "none"              # 'none' | 'learned' | 'sincos'
+  rel_pos: str = "shared"  # 'shared' | 'per_layer' | 'none'
+  abs_pos: str = "none"  # 'none' | 'learned' | 'sincos'
   layer_scale: bool = True
   k_bias: bool = False
   use_mask_token: bool = False
-  grid: tuple[int, int] | None = None   # the pre-training grid (rel-pos / pos_embed), if known
+  grid: tuple[int, int] | None = None  # the pre-training grid (rel-pos / pos_embed), if known
   source: str = ""
 
   def vit_kwargs(self, **over) -> dict:
-    kw = dict(patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
-              num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, rel_pos=self.rel_pos,
-              abs_pos=self.abs_pos, layer_scale_init=0.1 if self.layer_scale else None,
-              k_bias=self.k_bias, use_mask_token=self.use_mask_token)
+    kw = dict(
+      patch_size=self.patch_size,
+      embed_dim=self.embed_dim,
+      depth=self.depth,
+      num_heads=self.num_heads,
+      mlp_ratio=self.mlp_ratio,
+      rel_pos=self.rel_pos,
+      abs_pos=self.abs_pos,
+      layer_scale_init=0.1 if self.layer_scale else None,
+      k_bias=self.k_bias,
+      use_mask_token=self.use_mask_token,
+    )
     kw.update(over)
     return kw
 
@@ -80,18 +92,21 @@ def _blocks(params) -> list[str]:
 
 
 def _square_grid(n: int, what: str) -> tuple[int, int]:
-  side = int(round(n ** 0.5))
+  side = int(round(n**0.5))
   if side * side != n:
     raise ValueError(f"{what}: {n} positions are not a square grid")
   return side, side
 
 
-def infer_spec(params: dict, *, num_heads: int | None = None, abs_pos: str | None = None,
-               source: str = "") -> BackboneSpec:
+def infer_spec(
+  params: dict, *, num_heads: int | None = None, abs_pos: str | None = None, source: str = ""
+) -> BackboneSpec:
   """Reads the architecture off an (unstacked) encoder params tree."""
   if "patch_embed" not in params or not _blocks(params):
-    raise ValueError(f"{source or 'params'}: not a ViT encoder (needs patch_embed and "
-                     f"blocks_<i>; has {sorted(params)[:8]})")
+    raise ValueError(
+      f"{source or 'params'}: not a ViT encoder (needs patch_embed and "
+      f"blocks_<i>; has {sorted(params)[:8]})"
+    )
   kernel = params["patch_embed"]["kernel"]
   patch, dim = int(kernel.shape[0]), int(kernel.shape[-1])
   blocks = _blocks(params)
@@ -110,14 +125,18 @@ def infer_spec(params: dict, *, num_heads: int | None = None, abs_pos: str | Non
   if table is not None:
     heads_from_table = int(table.shape[1])
     if num_heads and num_heads != heads_from_table:
-      raise ValueError(f"{source}: config.model heads={num_heads} but the relative position "
-                       f"table has {heads_from_table} heads")
+      raise ValueError(
+        f"{source}: config.model heads={num_heads} but the relative position "
+        f"table has {heads_from_table} heads"
+      )
     num_heads = heads_from_table
     side = int(round(((int(table.shape[0]) - 3) ** 0.5 + 1) / 2))
     grid = (side, side)
   if not num_heads:
-    raise ValueError(f"{source}: the head count is not stored in these weights; set "
-                     f"config.model.heads (or config.model.variant)")
+    raise ValueError(
+      f"{source}: the head count is not stored in these weights; set "
+      f"config.model.heads (or config.model.variant)"
+    )
   if dim % num_heads:
     raise ValueError(f"{source}: width {dim} is not divisible by {num_heads} heads")
   if "pos_embed" in params:
@@ -126,10 +145,20 @@ def infer_spec(params: dict, *, num_heads: int | None = None, abs_pos: str | Non
     abs_pos = "learned"
     grid = grid or _square_grid(int(params["pos_embed"].shape[1]) - 1, f"{source} pos_embed")
   abs_pos = abs_pos if abs_pos not in (None, "", "auto") else "none"
-  return BackboneSpec(patch_size=patch, embed_dim=dim, depth=depth, num_heads=int(num_heads),
-                      mlp_ratio=mlp_ratio, rel_pos=rel_pos, abs_pos=abs_pos,
-                      layer_scale="gamma_1" in b0, k_bias="k_bias" in b0["attn"],
-                      use_mask_token="mask_token" in params, grid=grid, source=source)
+  return BackboneSpec(
+    patch_size=patch,
+    embed_dim=dim,
+    depth=depth,
+    num_heads=int(num_heads),
+    mlp_ratio=mlp_ratio,
+    rel_pos=rel_pos,
+    abs_pos=abs_pos,
+    layer_scale="gamma_1" in b0,
+    k_bias="k_bias" in b0["attn"],
+    use_mask_token="mask_token" in params,
+    grid=grid,
+    source=source,
+  )
 
 
 def spec_from_config(model_cfg, source: str = "random") -> BackboneSpec:
@@ -139,10 +168,16 @@ def spec_from_config(model_cfg, source: str = "random") -> BackboneSpec:
     if model_cfg.get(field, 0):
       kw[key] = int(model_cfg[field])
   abs_pos = model_cfg.get("abs_pos", "none")
-  return BackboneSpec(patch_size=kw["patch_size"], embed_dim=kw["embed_dim"], depth=kw["depth"],
-                      num_heads=kw["num_heads"], rel_pos=model_cfg.get("rel_pos", "shared"),
-                      abs_pos="none" if abs_pos == "auto" else abs_pos,
-                      layer_scale=bool(model_cfg.get("layer_scale_init", 0.1)), source=source)
+  return BackboneSpec(
+    patch_size=kw["patch_size"],
+    embed_dim=kw["embed_dim"],
+    depth=kw["depth"],
+    num_heads=kw["num_heads"],
+    rel_pos=model_cfg.get("rel_pos", "shared"),
+    abs_pos="none" if abs_pos == "auto" else abs_pos,
+    layer_scale=bool(model_cfg.get("layer_scale_init", 0.1)),
+    source=source,
+  )
 
 
 def _heads_from_config(model_cfg) -> int | None:
@@ -164,69 +199,55 @@ def _to_numpy_tree(tree):
   return jax.tree.map(lambda x: np.asarray(x), tree)
 
 
-def restore_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
-  """The 'params' of a mim_jax checkpoint as host numpy arrays (newest step by default).
-
-  Restoring to numpy (not to the shardings recorded at save time) reads a checkpoint
-  written on any device topology, e.g. an 8-way FSDP pre-training run on one CPU.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"config.init: no checkpoints directory in {workdir}")
-  if step is None:
-    with ocp.CheckpointManager(directory, item_names=("state", "data")) as mngr:
-      step = mngr.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"config.init: no complete checkpoint in {directory}")
-  path = os.path.join(directory, str(step), "state")
-  if not os.path.isdir(path):
-    have = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
-    raise FileNotFoundError(f"config.init_step={step}: {workdir} has no checkpoint at that "
-                            f"step (steps: {have})")
-  checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(path)
-  tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
-                          is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))
-  state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
-  return state["params"], int(step)
-
-
 def load_workdir(workdir: str, model_cfg=None, step: int | None = None):
-  """(encoder params, spec) from a mim_jax pre-training workdir."""
-  params, step = restore_params(workdir, step)
+  """(encoder params, spec) from a mim_jax pre-training workdir (host numpy, any topology;
+  `checkpoint.read_trained_state` skips a damaged newest step)."""
+  try:
+    params, _, step = checkpoint.read_trained_state(workdir, step)
+  except FileNotFoundError as e:
+    field = "config.init_step" if step is not None else "config.init"
+    raise FileNotFoundError(f"{field}: {e}") from None
   saved_model, method = {}, ""
   try:
-    saved = features.saved_config(workdir)
+    saved = checkpoint.saved_config(workdir)
     saved_model, method = saved.get("model", {}), saved.get("method", {}).get("name", "")
   except (OSError, KeyError, json.JSONDecodeError):
-    logging.warning("%s has no readable config.json; the head count comes from config.model",
-                    workdir)
+    logging.warning(
+      "%s has no readable config.json; the head count comes from config.model", workdir
+    )
   # The method knows where its encoder is (and drops MaPeT's query stream, CAE v2's
   # regressor, BEiT v2's aggregation head); without a config, 'backbone' is the convention.
   from mim_jax import methods  # pylint: disable=g-import-not-at-top
+
   if method in methods.names():
     encoder = methods.encoder_params(method, params)
   else:
     encoder = params.get("backbone")
   if encoder is None:
-    raise ValueError(f"{workdir}: the checkpoint has no 'backbone' parameters "
-                     f"(top-level keys {sorted(params)})")
+    raise ValueError(
+      f"{workdir}: the checkpoint has no 'backbone' parameters (top-level keys {sorted(params)})"
+    )
   encoder = _unstack_if_scanned(_to_numpy_tree(encoder))
   heads = _heads_from_config(saved_model) or _heads_from_config(model_cfg)
   abs_pos = saved_model.get("abs_pos") or (model_cfg.get("abs_pos") if model_cfg else None)
-  spec = infer_spec(encoder, num_heads=heads, abs_pos=abs_pos,
-                    source=f"{workdir} ({method or 'mim_jax'} step {step})")
+  spec = infer_spec(
+    encoder,
+    num_heads=heads,
+    abs_pos=abs_pos,
+    source=f"{workdir} ({method or 'mim_jax'} step {step})",
+  )
   return encoder, spec
 
 
 def load_torch_state_dict(path: str) -> dict:
   """torch.load on CPU (weights only first), unwrapping {'model': ...} / {'module': ...}."""
-  sd = torch_io.load_file(path, what="checkpoint (config.init)",
-                          convert_hint=f"convert it once elsewhere with `python -m "
-                                       f"mim_jax.evaluation.backbones --checkpoint={path} "
-                                       f"--out=X.npz` and pass the .npz")
+  sd = torch_io.load_file(
+    path,
+    what="checkpoint (config.init)",
+    convert_hint=f"convert it once elsewhere with `python -m "
+    f"mim_jax.evaluation.backbones --checkpoint={path} "
+    f"--out=X.npz` and pass the .npz",
+  )
   for wrapper in ("model", "module", "state_dict"):
     if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
       sd = sd[wrapper]
@@ -236,25 +257,28 @@ def load_torch_state_dict(path: str) -> dict:
 def from_torch_state_dict(sd: dict, model_cfg=None, source: str = ""):
   """(params, spec) from a BEiT v2 or CAE v2 encoder state dict (tensors or arrays)."""
   prefix = "encoder." if any(k.startswith("encoder.") for k in sd) else ""
-  block_ids = {int(m.group(1)) for m in (re.match(rf"^{re.escape(prefix)}blocks\.(\d+)\.", k)
-                                         for k in sd) if m}
+  block_ids = {
+    int(m.group(1)) for m in (re.match(rf"^{re.escape(prefix)}blocks\.(\d+)\.", k) for k in sd) if m
+  }
   if not block_ids:
-    raise ValueError(f"{source}: no '{prefix}blocks.<i>.*' keys; not a BEiT v2 / CAE v2 "
-                     f"encoder checkpoint")
-  params, unused = convert.beit_from_torch(sd, depth=max(block_ids) + 1, prefix=prefix,
-                                           return_unused=True)
+    raise ValueError(
+      f"{source}: no '{prefix}blocks.<i>.*' keys; not a BEiT v2 / CAE v2 encoder checkpoint"
+    )
+  params, unused = convert.beit_from_torch(
+    sd, depth=max(block_ids) + 1, prefix=prefix, return_unused=True
+  )
   if unused:
-    logging.info("%s: %d keys outside the encoder are dropped (e.g. %s)", source, len(unused),
-                 unused[:4])
+    logging.info(
+      "%s: %d keys outside the encoder are dropped (e.g. %s)", source, len(unused), unused[:4]
+    )
   abs_pos = None
   if "pos_embed" in params:
     pos = np.asarray(params["pos_embed"], np.float32)
     grid = _square_grid(pos.shape[1] - 1, f"{source} pos_embed")
     if np.allclose(pos[0], vit.sincos_2d_pos_embed(grid, pos.shape[-1]), atol=1e-4):
-      del params["pos_embed"]   # CAE v2's fixed table (requires_grad=False, spec §5.1)
+      del params["pos_embed"]  # CAE v2's fixed table (docs/reference_details.md#cae-v2-encoder)
       abs_pos = "sincos"
-  spec = infer_spec(params, num_heads=_heads_from_config(model_cfg), abs_pos=abs_pos,
-                    source=source)
+  spec = infer_spec(params, num_heads=_heads_from_config(model_cfg), abs_pos=abs_pos, source=source)
   if abs_pos == "sincos":
     spec = dataclasses.replace(spec, grid=grid)
   return params, spec
@@ -288,9 +312,12 @@ def load_npz(path: str, model_cfg=None):
   params = _unstack_if_scanned(params)
   if spec_text is not None:
     return params, BackboneSpec.from_json(str(spec_text))
-  return params, infer_spec(params, num_heads=_heads_from_config(model_cfg),
-                            abs_pos=model_cfg.get("abs_pos") if model_cfg else None,
-                            source=path)
+  return params, infer_spec(
+    params,
+    num_heads=_heads_from_config(model_cfg),
+    abs_pos=model_cfg.get("abs_pos") if model_cfg else None,
+    source=path,
+  )
 
 
 def load(init: str, model_cfg=None, step: int | None = None):
@@ -299,8 +326,10 @@ def load(init: str, model_cfg=None, step: int | None = None):
   if init == "random":
     return None, spec_from_config(model_cfg)
   if not init:
-    raise ValueError("config.init is empty: pass a pre-training workdir, a .pth/.npz "
-                     "checkpoint, or 'random' for the random-init baseline")
+    raise ValueError(
+      "config.init is empty: pass a pre-training workdir, a .pth/.npz "
+      "checkpoint, or 'random' for the random-init baseline"
+    )
   if os.path.isdir(init):
     return load_workdir(init, model_cfg, step)
   if not os.path.exists(init):
@@ -309,8 +338,9 @@ def load(init: str, model_cfg=None, step: int | None = None):
     return load_npz(init, model_cfg)
   if init.endswith(TORCH_SUFFIXES):
     return from_torch_state_dict(load_torch_state_dict(init), model_cfg, source=init)
-  raise ValueError(f"config.init: {init} is neither a workdir nor a .npz / "
-                   f"{'/'.join(TORCH_SUFFIXES)} checkpoint")
+  raise ValueError(
+    f"config.init: {init} is neither a workdir nor a .npz / {'/'.join(TORCH_SUFFIXES)} checkpoint"
+  )
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -331,8 +361,9 @@ def _geometric_coords(src: int, dst: int) -> np.ndarray:
   return np.asarray([-d for d in reversed(dis)] + [0.0] + dis, np.float64)
 
 
-def resize_rel_pos_table(table: np.ndarray, dst_grid: tuple[int, int],
-                         method: str = "cubic") -> np.ndarray:
+def resize_rel_pos_table(
+  table: np.ndarray, dst_grid: tuple[int, int], method: str = "cubic"
+) -> np.ndarray:
   """((2h-1)(2w-1) + 3, heads) table resized to dst_grid (square grids).
 
   'cubic' is the reference (scipy interp2d kind='cubic' on a rectangular grid, i.e. the
@@ -342,12 +373,15 @@ def resize_rel_pos_table(table: np.ndarray, dst_grid: tuple[int, int],
   table = np.asarray(table, np.float32)
   src_side = int(round((table.shape[0] - 3) ** 0.5))
   if src_side * src_side != table.shape[0] - 3 or dst_grid[0] != dst_grid[1]:
-    raise ValueError(f"relative position tables can be resized between square grids only "
-                     f"(table rows {table.shape[0]}, grid {dst_grid})")
+    raise ValueError(
+      f"relative position tables can be resized between square grids only "
+      f"(table rows {table.shape[0]}, grid {dst_grid})"
+    )
   dst_side = 2 * dst_grid[0] - 1
   if src_side == dst_side:
     return table
   from scipy import interpolate  # pylint: disable=g-import-not-at-top
+
   coords = _geometric_coords(src_side, dst_side)
   t = dst_side // 2
   # The progression's sum stops just short of t: the outermost targets may lie past the
@@ -356,23 +390,26 @@ def resize_rel_pos_table(table: np.ndarray, dst_grid: tuple[int, int],
   target = np.clip(np.arange(-t, t + 0.1, 1.0), coords[0], coords[-1])
   out = []
   for head in range(table.shape[1]):
-    z = table[:-3, head].reshape(src_side, src_side).astype(np.float64)   # [d_row, d_col]
+    z = table[:-3, head].reshape(src_side, src_side).astype(np.float64)  # [d_row, d_col]
     if method == "cubic":
-      values = interpolate.RectBivariateSpline(coords, coords, z, kx=3, ky=3, s=0)(target,
-                                                                                   target)
+      values = interpolate.RectBivariateSpline(coords, coords, z, kx=3, ky=3, s=0)(target, target)
     elif method == "linear":
       ty, tx = np.meshgrid(target, target, indexing="ij")
-      values = interpolate.RegularGridInterpolator((coords, coords), z)(
-          np.stack([ty, tx], -1))
+      values = interpolate.RegularGridInterpolator((coords, coords), z)(np.stack([ty, tx], -1))
     else:
-      raise ValueError(f"config.rel_pos_interpolation must be 'cubic' or 'linear', got "
-                       f"{method!r}")
+      raise ValueError(f"config.rel_pos_interpolation must be 'cubic' or 'linear', got {method!r}")
     out.append(values.reshape(-1))
   return np.concatenate([np.stack(out, 1), table[-3:]], 0).astype(np.float32)
 
 
-def finetune_params(params: dict, spec: BackboneSpec, grid: tuple[int, int], *,
-                    method: str = "cubic", keep_norm: bool = False) -> dict:
+def finetune_params(
+  params: dict,
+  spec: BackboneSpec,
+  grid: tuple[int, int],
+  *,
+  method: str = "cubic",
+  keep_norm: bool = False,
+) -> dict:
   """Encoder params for the fine-tuning model (per-layer rel-pos tables, no mask token).
 
   With mean pooling (keep_norm False) the final `norm` is dropped: BEiT / MAE replace it by
@@ -381,7 +418,8 @@ def finetune_params(params: dict, spec: BackboneSpec, grid: tuple[int, int], *,
   A shared table is copied into every block (BEiT `run_class_finetuning.py`); per-layer
   tables are kept; either is resized when `grid` differs from the pre-training grid.
   Encoders without relative position bias (CAE v2) get none here: the model's own
-  zero-initialised per-layer tables are used (spec §5.4).
+  zero-initialised per-layer tables are used
+  (docs/reference_details.md#cae-v2-recipe-and-evaluation).
   """
   dropped = ("mask_token", "rel_pos_bias") + (() if keep_norm else ("norm",))
   out = {k: v for k, v in params.items() if k not in dropped}
@@ -392,11 +430,14 @@ def finetune_params(params: dict, spec: BackboneSpec, grid: tuple[int, int], *,
       out[b] = dict(out[b], rel_pos_bias={key: shared.copy()})
   elif spec.rel_pos == "per_layer":
     for b in _blocks(out):
-      out[b] = dict(out[b], rel_pos_bias={
-          key: resize_rel_pos_table(out[b]["rel_pos_bias"][key], grid, method)})
+      out[b] = dict(
+        out[b], rel_pos_bias={key: resize_rel_pos_table(out[b]["rel_pos_bias"][key], grid, method)}
+      )
   if "pos_embed" in out and spec.grid and tuple(spec.grid) != tuple(grid):
-    raise ValueError(f"the learned pos_embed was trained on a {spec.grid} grid; resizing it to "
-                     f"{grid} is not implemented (config.data.image_size)")
+    raise ValueError(
+      f"the learned pos_embed was trained on a {spec.grid} grid; resizing it to "
+      f"{grid} is not implemented (config.data.image_size)"
+    )
   return out
 
 
@@ -416,8 +457,7 @@ def merge_into(init_params, loaded: dict, where: str = "backbone", place=None):
   init_names = {_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(init_params)[0]}
   extra = sorted(set(flat_loaded) - init_names)
   if extra:
-    raise ValueError(f"{len(extra)} loaded parameters have no place in the model, e.g. "
-                     f"{extra[:3]}")
+    raise ValueError(f"{len(extra)} loaded parameters have no place in the model, e.g. {extra[:3]}")
   fresh = []
   prefix = f"{where}/" if where else ""
 
@@ -428,8 +468,9 @@ def merge_into(init_params, loaded: dict, where: str = "backbone", place=None):
       return leaf
     value = flat_loaded[name]
     if value.shape != tuple(leaf.shape):
-      raise ValueError(f"{prefix}{name}: checkpoint shape {value.shape} != model shape "
-                       f"{tuple(leaf.shape)}")
+      raise ValueError(
+        f"{prefix}{name}: checkpoint shape {value.shape} != model shape {tuple(leaf.shape)}"
+      )
     value = value.astype(leaf.dtype)
     if shard is None:
       return value
@@ -445,16 +486,24 @@ def merge_into(init_params, loaded: dict, where: str = "backbone", place=None):
 # ----------------------------------------------------------------------------- CLI
 def _main(argv=None) -> None:
   import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(description="Convert an official BEiT v2 / CAE v2 encoder "
-                                   "checkpoint (.pth) to a mim_jax .npz (needs torch).")
+
+  parser = argparse.ArgumentParser(
+    description="Convert an official BEiT v2 / CAE v2 encoder "
+    "checkpoint (.pth) to a mim_jax .npz (needs torch)."
+  )
   parser.add_argument("--checkpoint", required=True)
   parser.add_argument("--out", required=True)
-  parser.add_argument("--heads", type=int, default=0,
-                      help="head count, needed when the checkpoint has no rel-pos table")
+  parser.add_argument(
+    "--heads",
+    type=int,
+    default=0,
+    help="head count, needed when the checkpoint has no rel-pos table",
+  )
   args = parser.parse_args(argv)
   model_cfg = {"heads": args.heads} if args.heads else None
-  params, spec = from_torch_state_dict(load_torch_state_dict(args.checkpoint), model_cfg,
-                                       source=args.checkpoint)
+  params, spec = from_torch_state_dict(
+    load_torch_state_dict(args.checkpoint), model_cfg, source=args.checkpoint
+  )
   save_npz(args.out, params, spec)
   print(f"wrote {args.out}: {spec}")
 

@@ -4,6 +4,7 @@ ImageNet-1k defaults: TFDS imagenet2012 train / validation, 224 px, Resize 256 -
 CenterCrop 224 bicubic for evaluation (timm's crop_pct 0.875, as BEiT's fine-tuning and
 linear-probe scripts), the ImageNet mean / std.
 """
+
 from __future__ import annotations
 
 import ml_collections as mlc
@@ -15,21 +16,21 @@ IMAGENET_VAL_SIZE = 50_000
 
 def base(protocol: str) -> mlc.ConfigDict:
   c = mlc.ConfigDict()
-  c.protocol = protocol                 # 'knn' | 'linear_probe' | 'finetune'
-  c.init = ""                           # workdir | .pth | .npz | 'random'
-  c.init_step = 0                       # a workdir's checkpoint step (0: the latest)
+  c.protocol = protocol  # 'knn' | 'linear_probe' | 'finetune'
+  c.init = ""  # workdir | .pth | .npz | 'random'
+  c.init_step = 0  # a workdir's checkpoint step (0: the latest)
   c.seed = 0
   c.dtype = "float32"
-  c.distributed = False
+  config_lib.add_runner_fields(c)
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1))
   c.sharding_rules = (("act_batch", ("data", "fsdp")), ("embed", "fsdp"))
-  c.pool = "mean"                       # 'mean' (patch tokens) | 'cls'
+  c.pool = "mean"  # 'mean' (patch tokens) | 'cls'
 
-  c.batch_size = 1024                   # global training batch (probe / fine-tune)
+  c.batch_size = 1024  # global training batch (probe / fine-tune)
   c.eval_batch_size = 1000
   c.total_steps = 1000
   c.log_every = 100
-  c.eval_every = 0                      # 0: evaluate at the end only
+  c.eval_every = 0  # 0: evaluate at the end only
   c.checkpoint_every = 1000
   c.keep_checkpoints = 2
   c.async_checkpointing = True
@@ -41,12 +42,12 @@ def base(protocol: str) -> mlc.ConfigDict:
   c.model.width = 0
   c.model.depth = 0
   c.model.heads = 0
-  c.model.rel_pos = "shared"            # for init='random' only; loaded weights decide
-  c.model.abs_pos = "auto"              # 'auto' | 'none' | 'learned' | 'sincos' (CAE v2)
+  c.model.rel_pos = "shared"  # for init='random' only; loaded weights decide
+  c.model.abs_pos = "auto"  # 'auto' | 'none' | 'learned' | 'sincos' (CAE v2)
   c.model.layer_scale_init = 0.1
-  c.model.drop_path_rate = 0.0          # fine-tuning only
-  c.model.add_rel_pos = False           # fine-tuning: add zero-init per-layer rel-pos tables
-                                        # to an encoder without them (CAE v2 --rel_pos_bias)
+  c.model.drop_path_rate = 0.0  # fine-tuning only
+  c.model.add_rel_pos = False  # fine-tuning: add zero-init per-layer rel-pos tables
+  # to an encoder without them (CAE v2 --rel_pos_bias)
   c.model.scan_layers = False
   c.model.remat = False
 
@@ -58,25 +59,26 @@ def base(protocol: str) -> mlc.ConfigDict:
   c.data.train_split = "train"
   c.data.test_split = "validation"
   c.data.num_classes = 1000
+  c.data.max_bad_fraction = 0.01  # unreadable examples skipped, then a stop
   c.data.num_train_examples = config_lib.IMAGENET_TRAIN_SIZE
-  c.data.length = 1024                  # embedded source only
+  c.data.length = 1024  # embedded source only
   c.data.image_size = 224
-  c.data.crop_pct = 0.875               # eval: Resize(image_size / crop_pct) -> CenterCrop
-  c.data.eval_resize = 0                # > 0 overrides the resize
+  c.data.crop_pct = 0.875  # eval: Resize(image_size / crop_pct) -> CenterCrop
+  c.data.eval_resize = 0  # > 0 overrides the resize
   c.data.interpolation = "bicubic"
   c.data.worker_count = 8
   # Training views (probe without precomputed features; fine-tuning).
   c.data.crop_scale = (0.08, 1.0)
   c.data.hflip = True
-  c.data.rand_augment = ""              # fine-tuning: 'rand-m9-mstd0.5-inc1'
-  c.data.reprob = 0.0                   # fine-tuning: 0.25
+  c.data.rand_augment = ""  # fine-tuning: 'rand-m9-mstd0.5-inc1'
+  c.data.reprob = 0.0  # fine-tuning: 0.25
 
   c.knn = mlc.ConfigDict(dict(k=20, temperature=0.07))
   c.probe = mlc.ConfigDict(dict(precompute_features=False, batch_norm=True))
 
   c.optim = mlc.ConfigDict()
-  c.optim.name = "adamw"                # 'adamw' | 'lars' (probe); fine-tuning is AdamW
-  c.optim.lr = 0.0                      # absolute; 0 -> base_lr * batch / 256
+  c.optim.name = "adamw"  # 'adamw' | 'lars' (probe); fine-tuning is AdamW
+  c.optim.lr = 0.0  # absolute; 0 -> base_lr * batch / 256
   c.optim.base_lr = 0.0
   c.optim.min_lr = 0.0
   c.optim.warmup_steps = 0
@@ -84,26 +86,29 @@ def base(protocol: str) -> mlc.ConfigDict:
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
   c.optim.weight_decay = 0.0
-  c.optim.momentum = 0.9                # LARS
-  c.optim.trust_coefficient = 0.001     # LARS
+  c.optim.momentum = 0.9  # LARS
+  c.optim.trust_coefficient = 0.001  # LARS
   c.optim.clip_grad_norm = 0.0
   c.optim.layer_decay = 1.0
   c.optim.no_decay_names = ("cls_token", "pos_embed")
 
-  c.aug = mlc.ConfigDict(dict(mixup=0.0, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5,
-                              label_smoothing=0.0))
+  c.aug = mlc.ConfigDict(
+    dict(mixup=0.0, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5, label_smoothing=0.0)
+  )
   c.head_init_scale = 0.001
-  c.ema_decay = 0.0                     # > 0: also evaluate an EMA of the weights (0.9999)
-  c.rel_pos_interpolation = "cubic"     # BEiT's; 'linear' = timm's default
+  c.ema_decay = 0.0  # > 0: also evaluate an EMA of the weights (0.9999)
+  c.rel_pos_interpolation = "cubic"  # BEiT's; 'linear' = timm's default
   return c
 
 
 def set_epochs(c: mlc.ConfigDict, epochs: float, warmup_epochs: float = 0.0) -> None:
   """total_steps / warmup_steps from epochs of config.data.num_train_examples."""
-  c.total_steps = max(1, config_lib.steps_for_epochs(epochs, c.batch_size,
-                                                     c.data.num_train_examples))
-  c.optim.warmup_steps = config_lib.steps_for_epochs(warmup_epochs, c.batch_size,
-                                                     c.data.num_train_examples)
+  c.total_steps = max(
+    1, config_lib.steps_for_epochs(epochs, c.batch_size, c.data.num_train_examples)
+  )
+  c.optim.warmup_steps = config_lib.steps_for_epochs(
+    warmup_epochs, c.batch_size, c.data.num_train_examples
+  )
   steps_per_epoch = max(1, c.data.num_train_examples // c.batch_size)
   c.checkpoint_every = min(c.total_steps, 5 * steps_per_epoch)
   c.log_every = min(100, c.total_steps)
@@ -127,9 +132,9 @@ def runlocal(c: mlc.ConfigDict, *, epochs: float = 1.0, batch_size: int = 64) ->
     c.data.num_classes, c.data.num_train_examples = 3, 96
     size, patch = 64, 8
   c.data.image_size = size
-  c.data.crop_pct = 1.0                 # the images are already size x size
+  c.data.crop_pct = 1.0  # the images are already size x size
   c.data.worker_count = 0
-  c.model.variant = f"T/{patch}"        # init='random' only; checkpoints bring their own
+  c.model.variant = f"T/{patch}"  # init='random' only; checkpoints bring their own
   c.model.width, c.model.depth, c.model.heads = 128, 4, 4
   c.batch_size = batch_size
   c.eval_batch_size = 200
@@ -138,11 +143,23 @@ def runlocal(c: mlc.ConfigDict, *, epochs: float = 1.0, batch_size: int = 64) ->
   c.eval_every = 0
 
 
-def finetune_recipe(c: mlc.ConfigDict, *, lr: float, epochs: float, warmup_epochs: float,
-                    layer_decay: float, drop_path: float, label_smoothing: float = 0.1,
-                    mixup: float = 0.8, cutmix: float = 1.0, rand_augment_m: int = 9,
-                    reprob: float = 0.25, weight_decay: float = 0.05, min_lr: float = 1e-6,
-                    batch_size: int = 1024) -> None:
+def finetune_recipe(
+  c: mlc.ConfigDict,
+  *,
+  lr: float,
+  epochs: float,
+  warmup_epochs: float,
+  layer_decay: float,
+  drop_path: float,
+  label_smoothing: float = 0.1,
+  mixup: float = 0.8,
+  cutmix: float = 1.0,
+  rand_augment_m: int = 9,
+  reprob: float = 0.25,
+  weight_decay: float = 0.05,
+  min_lr: float = 1e-6,
+  batch_size: int = 1024,
+) -> None:
   """The BEiT fine-tuning protocol (timm augmentation, AdamW, layer decay, per-step cosine)."""
   c.batch_size = batch_size
   c.optim.name = "adamw"
@@ -167,7 +184,7 @@ def adamw_probe_recipe(c: mlc.ConfigDict, *, pool: str) -> None:
   c.batch_size = 1024
   c.optim.name = "adamw"
   c.optim.lr, c.optim.min_lr, c.optim.weight_decay = 4e-3, 0.0, 1e-4
-  c.data.crop_scale = (0.08, 1.0)   # RandomResizedCrop + flip for training, as BEiT's script
+  c.data.crop_scale = (0.08, 1.0)  # RandomResizedCrop + flip for training, as BEiT's script
   set_epochs(c, 50)
   c.eval_every = c.checkpoint_every
 
@@ -190,7 +207,7 @@ def runlocal_probe(c: mlc.ConfigDict) -> None:
   runlocal(c, epochs=30, batch_size=256)
   c.probe.precompute_features = True
   if optimizer == "lars":
-    c.optim.base_lr = 0.1 * 16384 / 256 / 4    # lr 1.6: the recipe's 6.4 is for batch 16384
+    c.optim.base_lr = 0.1 * 16384 / 256 / 4  # lr 1.6: the recipe's 6.4 is for batch 16384
   c.eval_every = c.total_steps // 3
 
 

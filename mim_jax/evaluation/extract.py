@@ -5,13 +5,14 @@ invalid), the batch split over the mesh's data axes, the encoder applied in one 
 function, and the valid rows gathered back to every process (so kNN and a precomputed probe
 see all features on every host).
 """
+
 from __future__ import annotations
 
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 
 from mim_jax import sharding
@@ -21,8 +22,9 @@ from mim_jax.evaluation import linear_probe
 from mim_jax.models import vit
 
 
-def encoder_fn(vit_kw: dict, pool: str, *, mean=transforms.IMAGENET_MEAN,
-               std=transforms.IMAGENET_STD) -> Callable:
+def encoder_fn(
+  vit_kw: dict, pool: str, *, mean=transforms.IMAGENET_MEAN, std=transforms.IMAGENET_STD
+) -> Callable:
   """features(params, images_uint8) -> (B, D) fp32 pooled features (eval mode)."""
   model = vit.VisionTransformer(**vit_kw)
   dtype = vit_kw.get("dtype", jnp.float32)
@@ -45,14 +47,26 @@ def eval_transform(image_size: int, resize_size: int, interpolation: str = "bicu
   return transforms.EvalTransform(image_size, resize_size or None, interpolation)
 
 
-def extract_features(fn: Callable, params, source, mesh, *, batch_size: int, image_size: int,
-                     resize_size: int, interpolation: str = "bicubic",
-                     worker_count: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def extract_features(
+  fn: Callable,
+  params,
+  source,
+  mesh,
+  *,
+  batch_size: int,
+  image_size: int,
+  resize_size: int,
+  interpolation: str = "bicubic",
+  worker_count: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
   """(features (N, D) fp32, labels (N,)) of every example of `source`, in some order
   shared by both arrays."""
-  loader = pipeline.make_eval_loader(source, eval_transform(image_size, resize_size,
-                                                            interpolation),
-                                     global_batch_size=batch_size, worker_count=worker_count)
+  loader = pipeline.make_eval_loader(
+    source,
+    eval_transform(image_size, resize_size, interpolation),
+    global_batch_size=batch_size,
+    worker_count=worker_count,
+  )
   batch_sh = sharding.batch_sharding(mesh)
   jitted = jax.jit(fn, out_shardings=batch_sh)
   feats, labels = [], []

@@ -7,7 +7,8 @@ Recipes (the configs in configs/eval/ cite them):
   * CAE v2 (App. A, Table 9; "following He et al. (2022)", i.e. MAE's main_linprobe.py): an
     extra BatchNorm *without affine transformation* after the encoder, LARS with base lr 0.1
     (lr = base * batch / 256), weight decay 0, momentum 0.9, batch 16384, 10 warm-up epochs,
-    90 epochs, cls token (`--use_cls` in the official CAE v2 script, spec §5.4).
+    90 epochs, cls token (`--use_cls` in `Atten4Vis/CAE:project/CAEv2/scripts/caev2_base_300e.sh`;
+    docs/reference_details.md#cae-v2-recipe-and-evaluation).
 The BatchNorm is MAE's `BatchNorm1d(affine=False, eps=1e-6)` (momentum 0.1 in PyTorch's
 convention = 0.9 in Flax's). Its statistics are over the global batch (the batch axis is
 sharded, so the mean is a cross-device reduction inside jit). One difference that cannot
@@ -15,6 +16,7 @@ matter at these batch sizes: PyTorch's running variance uses the unbiased batch 
 Flax's the biased one. The head is initialised like MAE's / BEiT's probe head:
 weights N(0, 0.01), bias 0.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -45,6 +47,7 @@ def pool_features(out: dict, pool: str) -> jax.Array:
 
 class ProbeHead(nn.Module):
   """BatchNorm1d(affine=False) -> Linear, all in fp32."""
+
   num_classes: int
   batch_norm: bool = True
   momentum: float = 0.9
@@ -55,12 +58,22 @@ class ProbeHead(nn.Module):
   def __call__(self, features: jax.Array, *, train: bool) -> jax.Array:
     x = features.astype(jnp.float32)
     if self.batch_norm:
-      x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
-                       epsilon=self.epsilon, use_scale=False, use_bias=False,
-                       dtype=jnp.float32, name="bn")(x)
-    return nn.Dense(self.num_classes, dtype=jnp.float32,
-                    kernel_init=nn.initializers.normal(self.init_std),
-                    bias_init=nn.initializers.zeros, name="head")(x)
+      x = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        use_scale=False,
+        use_bias=False,
+        dtype=jnp.float32,
+        name="bn",
+      )(x)
+    return nn.Dense(
+      self.num_classes,
+      dtype=jnp.float32,
+      kernel_init=nn.initializers.normal(self.init_std),
+      bias_init=nn.initializers.zeros,
+      name="head",
+    )(x)
 
 
 def probe_lr(cfg, batch_size: int) -> float:
@@ -75,8 +88,13 @@ def _matrices(params) -> Any:
   return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
-def lars(learning_rate, *, weight_decay: float = 0.0, momentum: float = 0.9,
-         trust_coefficient: float = 0.001) -> optax.GradientTransformation:
+def lars(
+  learning_rate,
+  *,
+  weight_decay: float = 0.0,
+  momentum: float = 0.9,
+  trust_coefficient: float = 0.001,
+) -> optax.GradientTransformation:
   """MAE's LARS (`util/lars.py`), from optax parts.
 
   For ndim > 1: d = g + wd p, then d *= trust * ||p|| / ||d|| (1 where either norm is 0);
@@ -85,11 +103,11 @@ def lars(learning_rate, *, weight_decay: float = 0.0, momentum: float = 0.9,
   which differs while the lr changes (warm-up, cosine).
   """
   return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask=_matrices),
-      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient),
-                   _matrices),
-      optax.trace(decay=momentum, nesterov=False),
-      optax.scale_by_learning_rate(learning_rate))
+    optax.add_decayed_weights(weight_decay, mask=_matrices),
+    optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient), _matrices),
+    optax.trace(decay=momentum, nesterov=False),
+    optax.scale_by_learning_rate(learning_rate),
+  )
 
 
 def make_probe_optimizer(cfg, total_steps: int, batch_size: int):
@@ -98,11 +116,14 @@ def make_probe_optimizer(cfg, total_steps: int, batch_size: int):
   schedule = optim.cosine_schedule(lr, total_steps, cfg.warmup_steps, cfg.min_lr)
   if cfg.name == "adamw":
     # torch.optim.AdamW over every head parameter (BEiT's probe passes them all, biases too).
-    tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                     weight_decay=cfg.weight_decay)
+    tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
   elif cfg.name == "lars":
-    tx = lars(schedule, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-              trust_coefficient=cfg.trust_coefficient)
+    tx = lars(
+      schedule,
+      weight_decay=cfg.weight_decay,
+      momentum=cfg.momentum,
+      trust_coefficient=cfg.trust_coefficient,
+    )
   else:
     raise ValueError(f"config.optim.name must be 'adamw' or 'lars', got {cfg.name!r}")
   return tx, schedule
@@ -122,17 +143,23 @@ def head_step(head: ProbeHead, tx, params, batch_stats, opt_state, features, lab
 
   Returns (params, batch_stats, opt_state, metrics).
   """
+
   def loss_fn(p):
-    logits, updates = head.apply({"params": p, "batch_stats": batch_stats}, features,
-                                 train=True, mutable=["batch_stats"])
+    logits, updates = head.apply(
+      {"params": p, "batch_stats": batch_stats}, features, train=True, mutable=["batch_stats"]
+    )
     return cross_entropy(logits, labels), (logits, updates["batch_stats"])
 
   (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
   acc = jnp.mean(jnp.argmax(logits, -1) == labels)
-  return params, new_stats, opt_state, {"loss": loss, "train_top1": acc,
-                                        "grad_norm": optax.global_norm(grads)}
+  return (
+    params,
+    new_stats,
+    opt_state,
+    {"loss": loss, "train_top1": acc, "grad_norm": optax.global_norm(grads)},
+  )
 
 
 def head_logits(head: ProbeHead, params, batch_stats, features):

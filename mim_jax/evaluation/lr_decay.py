@@ -1,4 +1,6 @@
-"""Layer-wise learning-rate decay (BEiT `optim_factory.py`, spec §1.7), built from optax parts.
+"""Layer-wise learning-rate decay (`microsoft/unilm:beit2/optim_factory.py`), from optax parts.
+
+docs/reference_details.md#beit-fine-tuning summarises the official rule.
 
 With L blocks, parameter p gets lr * decay ** (L + 1 - layer_id(p)), where layer_id is
   0      cls_token, mask_token, pos_embed, patch_embed.*
@@ -11,6 +13,7 @@ step and the decoupled weight decay; here the same is
   scale_by_adam -> add_decayed_weights(mask) -> multi_transform(scale per layer id) -> lr,
 one `optax.scale` per layer id chosen by label.
 """
+
 from __future__ import annotations
 
 import re
@@ -44,9 +47,11 @@ def layer_id(path: tuple[str, ...], depth: int, backbone_key: str = "backbone") 
       raise ValueError(f"parameter {'/'.join(path)} is beyond depth={depth}")
     return k + 1
   if rest[0] == "blocks":
-    raise ValueError("layer-wise lr decay needs unrolled blocks (blocks_0..); set "
-                     "config.model.scan_layers=False for fine-tuning")
-  return depth + 1   # rel_pos_bias (shared), norm, fc_norm, ...
+    raise ValueError(
+      "layer-wise lr decay needs unrolled blocks (blocks_0..); set "
+      "config.model.scan_layers=False for fine-tuning"
+    )
+  return depth + 1  # rel_pos_bias (shared), norm, fc_norm, ...
 
 
 def _names(path) -> tuple[str, ...]:
@@ -55,7 +60,8 @@ def _names(path) -> tuple[str, ...]:
 
 def layer_ids(params: Any, depth: int, backbone_key: str = "backbone") -> Any:
   return jax.tree_util.tree_map_with_path(
-      lambda p, _: layer_id(_names(p), depth, backbone_key), params)
+    lambda p, _: layer_id(_names(p), depth, backbone_key), params
+  )
 
 
 def layer_scales(depth: int, decay: float) -> list[float]:
@@ -63,20 +69,21 @@ def layer_scales(depth: int, decay: float) -> list[float]:
   return [float(decay ** (depth + 1 - i)) for i in range(depth + 2)]
 
 
-def scale_by_layer(depth: int, decay: float,
-                   backbone_key: str = "backbone") -> optax.GradientTransformation:
+def scale_by_layer(
+  depth: int, decay: float, backbone_key: str = "backbone"
+) -> optax.GradientTransformation:
   """Multiplies each update by its layer's decay factor (optax.multi_transform by label)."""
   scales = layer_scales(depth, decay)
 
   def labels(params):
     return jax.tree.map(lambda i: f"layer_{i:03d}", layer_ids(params, depth, backbone_key))
 
-  return optax.multi_transform({f"layer_{i:03d}": optax.scale(s) for i, s in enumerate(scales)},
-                               labels)
+  return optax.multi_transform(
+    {f"layer_{i:03d}": optax.scale(s) for i, s in enumerate(scales)}, labels
+  )
 
 
-def make_finetune_optimizer(cfg, total_steps: int, depth: int, *,
-                            backbone_key: str = "backbone"):
+def make_finetune_optimizer(cfg, total_steps: int, depth: int, *, backbone_key: str = "backbone"):
   """AdamW with layer-wise lr decay, optional clipping, and the reference cosine schedule.
 
   `cfg` is config.optim of a fine-tuning config (lr, min_lr, warmup_steps, b1, b2, eps,
@@ -87,8 +94,10 @@ def make_finetune_optimizer(cfg, total_steps: int, depth: int, *,
   parts = []
   if cfg.clip_grad_norm and cfg.clip_grad_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.clip_grad_norm))
-  parts += [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
-            optax.add_decayed_weights(cfg.weight_decay, mask=mask)]
+  parts += [
+    optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+    optax.add_decayed_weights(cfg.weight_decay, mask=mask),
+  ]
   if cfg.layer_decay != 1.0:
     parts.append(scale_by_layer(depth, cfg.layer_decay, backbone_key))
   parts.append(optax.scale_by_learning_rate(schedule))

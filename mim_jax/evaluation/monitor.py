@@ -6,6 +6,7 @@ DINO's protocol) is logged as `knn_top1` beside the training metrics. It needs l
 the source must have them (tfds / imagefolder / npz; the embedded photos' labels are photo
 ids). Cheap: no training, one forward pass over a few thousand images.
 """
+
 from __future__ import annotations
 
 import jax
@@ -34,8 +35,9 @@ def validate(config) -> None:
   if not m.every:
     return
   for f in ("every", "num_train", "num_test", "k", "batch_size"):
-    if not isinstance(m[f], int) or m[f] < 0 or (f != "num_train" and f != "num_test"
-                                                 and m[f] == 0):
+    if (
+      not isinstance(m[f], int) or m[f] < 0 or (f != "num_train" and f != "num_test" and m[f] == 0)
+    ):
       raise ValueError(f"config.knn_monitor.{f} must be a positive integer, got {m[f]!r}")
   if m.pool not in ("mean", "cls"):
     raise ValueError(f"config.knn_monitor.pool must be 'mean' or 'cls', got {m.pool!r}")
@@ -52,8 +54,7 @@ class KnnMonitor:
     m = config.knn_monitor
     self.config, self.mesh, self.method, self.m = config, mesh, method, m
     self.every = int(m.every)
-    self.train_source = _First(data_sources.build_source(config.data, m.train_split),
-                               m.num_train)
+    self.train_source = _First(data_sources.build_source(config.data, m.train_split), m.num_train)
     self.test_source = _First(data_sources.build_source(config.data, m.test_split), m.num_test)
     self.image_size = int(config.data.image_size)
     self.resize = int(round(self.image_size / m.crop_pct))
@@ -61,8 +62,14 @@ class KnnMonitor:
 
   def _encoder_fn(self, encoder):
     if self._fn is None:
-      spec = backbones.infer_spec(encoder, num_heads=backbones._heads_from_config(  # pylint: disable=protected-access
-          self.config.model), abs_pos=self.config.model.get("abs_pos"), source="knn monitor")
+      spec = backbones.infer_spec(
+        encoder,
+        num_heads=backbones._heads_from_config(  # pylint: disable=protected-access
+          self.config.model
+        ),
+        abs_pos=self.config.model.get("abs_pos"),
+        source="knn monitor",
+      )
       self._fn = extract.encoder_fn(spec.vit_kwargs(), self.m.pool)
     return self._fn
 
@@ -70,11 +77,22 @@ class KnnMonitor:
     encoder = self.method.encoder_params(jax.device_get(params))
     encoder = backbones._unstack_if_scanned(jax.tree.map(np.asarray, encoder))  # pylint: disable=protected-access
     fn = self._encoder_fn(encoder)
-    kw = dict(batch_size=self.m.batch_size, image_size=self.image_size,
-              resize_size=self.resize, interpolation=self.config.data.interpolation)
+    kw = dict(
+      batch_size=self.m.batch_size,
+      image_size=self.image_size,
+      resize_size=self.resize,
+      interpolation=self.config.data.interpolation,
+    )
     train_x, train_y = extract.extract_features(fn, encoder, self.train_source, self.mesh, **kw)
     test_x, test_y = extract.extract_features(fn, encoder, self.test_source, self.mesh, **kw)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    acc = knn.knn_accuracy(train_x, train_y, test_x, test_y, num_classes=num_classes,
-                           k=self.m.k, temperature=self.m.temperature)
+    acc = knn.knn_accuracy(
+      train_x,
+      train_y,
+      test_x,
+      test_y,
+      num_classes=num_classes,
+      k=self.m.k,
+      temperature=self.m.temperature,
+    )
     return {"knn_top1": float(acc["top1"])}

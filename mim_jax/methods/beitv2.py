@@ -1,4 +1,5 @@
-"""BEiT v2: masked image modelling on VQ-KD tokens with patch aggregation (reference §1).
+"""BEiT v2: masked image modelling on VQ-KD tokens with patch aggregation
+(microsoft/unilm:beit2/modeling_pretrain.py, beit2/engine_for_pretraining.py).
 With `method.head_layers=0` it is BEiT-style MIM without aggregation: PeCo's BERT
 pre-training (`method.name='peco_mim'`, configs/peco_vitb.py).
 
@@ -9,15 +10,18 @@ positions only, summed with equal weights (engine_for_pretraining.py):
   * main: final layer -> final norm -> lm_head;
   * patch aggregation (cls-pt): [final-layer cls (before the norm), layer-`early_layers`
     patch tokens] -> `head_layers` extra blocks (same shared bias; PyTorch-default init +
-    depth rescale only, §1.3) -> the SAME final norm -> the SAME lm_head
-    (shared_lm_head=True, the default). `shared_lm_head=False` gives the ablation's own
+    depth rescale only, `common.aggregation_blocks`) -> the SAME final norm -> the SAME
+    lm_head (shared_lm_head=True, the default). `shared_lm_head=False` gives the ablation's own
     LN + Linear.
 Targets: any tokenizer (VQ-KD by default), online on the second view or from a token cache
 (`token_targets.TokenTargets`).
 
 The final norm lives beside the backbone (params['norm']), because both branches use it;
 `encoder_params` puts it back into the encoder tree, the layout evaluation expects.
+model.scan_layers / model.remat apply to the backbone's blocks; the aggregation blocks stay
+unrolled.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,7 +34,7 @@ import optax
 
 from mim_jax import masking
 from mim_jax.data import transforms
-from mim_jax.methods import ccvit
+from mim_jax.methods import common
 from mim_jax.methods import token_targets
 from mim_jax.models import vit
 
@@ -40,6 +44,7 @@ class BEiTv2Model(nn.Module):
 
   Returns (main logits, aggregation logits) at the `select` positions, fp32; with
   head_layers=0 (BEiT-style MIM, PeCo) there is no aggregation head and the second is None."""
+
   vit_kw: dict
   vocab_size: int
   early_layers: int
@@ -50,39 +55,60 @@ class BEiTv2Model(nn.Module):
   def __call__(self, images, mask, select, *, train: bool = False):
     kw = dict(self.vit_kw)
     dtype = kw.get("dtype", jnp.float32)
-    backbone = vit.VisionTransformer(**kw, use_mask_token=True, rel_pos="shared",
-                                     abs_pos="none", weight_init="beit", final_norm=False,
-                                     name="backbone")
-    out = backbone(images, mask=mask, train=train,
-                   return_layers=(self.early_layers,) if self.head_layers else ())
+    backbone = vit.VisionTransformer(
+      **kw,
+      use_mask_token=True,
+      rel_pos="shared",
+      abs_pos="none",
+      weight_init="beit",
+      final_norm=False,
+      name="backbone",
+    )
+    out = backbone(
+      images, mask=mask, train=train, return_layers=(self.early_layers,) if self.head_layers else ()
+    )
     take = lambda x: jnp.take_along_axis(x, select[..., None], axis=1)
     norm = vit.layer_norm(kw.get("ln_eps", 1e-6), jnp.float32, "norm")
     lm_head = nn.Dense(
-        self.vocab_size, dtype=dtype, name="lm_head",
-        kernel_init=nn.with_logical_partitioning(vit.trunc_normal_init(0.02, "std"),
-                                                 ("embed", "vocab")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))
+      self.vocab_size,
+      dtype=dtype,
+      name="lm_head",
+      kernel_init=nn.with_logical_partitioning(
+        vit.trunc_normal_init(0.02, "std"), ("embed", "vocab")
+      ),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+    )
     head = lambda x: lm_head(vit._apply_norm(norm, x)).astype(jnp.float32)  # pylint: disable=protected-access
 
     logits = head(take(out["last"][:, 1:]))
-    if self.head_layers == 0:   # BEiT (v1) / PeCo MIM: no patch aggregation
+    if self.head_layers == 0:  # BEiT (v1) / PeCo MIM: no patch aggregation
       return logits, None
 
     # Patch aggregation: final cls (pre-norm) + layer-l patches through the extra blocks.
     x = jnp.concatenate([out["last"][:, :1], out["layers"][self.early_layers][:, 1:]], axis=1)
-    x = ccvit.aggregation_blocks(x, kw, out["rel_pos_bias"], early_layers=self.early_layers,
-                                 head_layers=self.head_layers, prefix="cls_pt_block",
-                                 train=train)
+    x = common.aggregation_blocks(
+      x,
+      kw,
+      out["rel_pos_bias"],
+      early_layers=self.early_layers,
+      head_layers=self.head_layers,
+      prefix="cls_pt_block",
+      train=train,
+    )
     x = take(x[:, 1:])
     if self.shared_lm_head:
       agg_logits = head(x)
     else:
       own_norm = vit.layer_norm(kw.get("ln_eps", 1e-6), jnp.float32, "cls_pt_norm")
       own_head = nn.Dense(
-          self.vocab_size, dtype=dtype, name="cls_pt_lm_head",
-          kernel_init=nn.with_logical_partitioning(vit.trunc_normal_init(0.02, "std"),
-                                                   ("embed", "vocab")),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)))
+        self.vocab_size,
+        dtype=dtype,
+        name="cls_pt_lm_head",
+        kernel_init=nn.with_logical_partitioning(
+          vit.trunc_normal_init(0.02, "std"), ("embed", "vocab")
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+      )
       agg_logits = own_head(vit._apply_norm(own_norm, x)).astype(jnp.float32)  # pylint: disable=protected-access
     return logits, agg_logits
 
@@ -93,20 +119,27 @@ class BEiTv2:
   def __init__(self, config, *, workdir: str | None = None, source=None):
     self.config = config
     m = config.method
-    self.patch, self.grid = ccvit.patch_grid(config)
+    self.patch, self.grid = common.patch_grid(config)
     self.num_patches = self.grid[0] * self.grid[1]
     if not 0 < m.num_masked <= self.num_patches:
-      raise ValueError(f"config.method.num_masked={m.num_masked} must be in "
-                       f"[1, {self.num_patches}] patches")
-    self.vit_kw = ccvit.backbone_kwargs(config.model, config.dtype)
+      raise ValueError(
+        f"config.method.num_masked={m.num_masked} must be in [1, {self.num_patches}] patches"
+      )
+    self.vit_kw = common.backbone_kwargs(config.model, config.dtype)
     if m.head_layers and not 1 <= m.early_layers <= self.vit_kw["depth"]:
-      raise ValueError(f"config.method.early_layers={m.early_layers} must be in "
-                       f"[1, depth={self.vit_kw['depth']}]")
-    self.targets = token_targets.TokenTargets(config, self.grid, patch_size=self.patch,
-                                              workdir=workdir, source=source)
-    self.model = BEiTv2Model(self.vit_kw, vocab_size=self.targets.vocab_size,
-                             early_layers=m.early_layers, head_layers=m.head_layers,
-                             shared_lm_head=m.shared_lm_head)
+      raise ValueError(
+        f"config.method.early_layers={m.early_layers} must be in [1, depth={self.vit_kw['depth']}]"
+      )
+    self.targets = token_targets.TokenTargets(
+      config, self.grid, patch_size=self.patch, workdir=workdir, source=source
+    )
+    self.model = BEiTv2Model(
+      self.vit_kw,
+      vocab_size=self.targets.vocab_size,
+      early_layers=m.early_layers,
+      head_layers=m.head_layers,
+      shared_lm_head=m.shared_lm_head,
+    )
 
   # ---------------------------------------------------------------- plug-in interface
   def wrap_source(self, source):
@@ -115,23 +148,37 @@ class BEiTv2:
   def consts(self) -> dict:
     return self.targets.consts()
 
+  def frozen_fingerprint(self) -> dict[str, str]:
+    return self.targets.frozen_fingerprint()
+
   def fingerprint(self) -> dict:
     c = self.config
-    return {"method": c.method.name, "model.variant": c.model.variant, "model.width": c.model.width,
-            "model.depth": c.model.depth, "model.heads": c.model.heads,
-            "model.scan_layers": c.model.scan_layers,
-            "method.early_layers": c.method.early_layers,
-            "method.head_layers": c.method.head_layers,
-            "method.shared_lm_head": c.method.shared_lm_head,
-            "vocab_size": self.targets.vocab_size, "data.image_size": c.data.image_size}
+    return {
+      "method": c.method.name,
+      "model.variant": c.model.variant,
+      "model.width": c.model.width,
+      "model.depth": c.model.depth,
+      "model.heads": c.model.heads,
+      "model.scan_layers": c.model.scan_layers,
+      "method.early_layers": c.method.early_layers,
+      "method.head_layers": c.method.head_layers,
+      "method.shared_lm_head": c.method.shared_lm_head,
+      "vocab_size": self.targets.vocab_size,
+      "data.image_size": c.data.image_size,
+    }
 
   def prepare(self, example: dict, rng: np.random.Generator) -> dict:
     m = self.config.method
-    example["mask"] = masking.block_mask(rng, grid=self.grid, num_masked=m.num_masked,
-                                         min_block=m.min_block, min_aspect=m.min_aspect,
-                                         exact=True)
+    example["mask"] = masking.block_mask(
+      rng,
+      grid=self.grid,
+      num_masked=m.num_masked,
+      min_block=m.min_block,
+      min_aspect=m.min_aspect,
+      exact=True,
+    )
     if not self.targets.online:
-      example.pop("image2", None)   # the tokens come from the cache
+      example.pop("image2", None)  # the tokens come from the cache
     return example
 
   def init(self, rng, batch) -> Any:
@@ -144,11 +191,16 @@ class BEiTv2:
 
   def forward(self, params, consts, batch, rng, train: bool):
     """(main logits, aggregation logits, targets) at the masked positions."""
-    select = ccvit.selected_positions(batch["mask"], self.config.method.num_masked)
+    select = common.selected_positions(batch["mask"], self.config.method.num_masked)
     x = transforms.normalize(batch["image"], dtype=jnp.float32)
-    logits, agg = self.model.apply({"params": params}, x.astype(self.vit_kw["dtype"]),
-                                   batch["mask"], select, train=train,
-                                   rngs={"dropout": rng} if train else {})
+    logits, agg = self.model.apply(
+      {"params": params},
+      x.astype(self.vit_kw["dtype"]),
+      batch["mask"],
+      select,
+      train=train,
+      rngs={"dropout": rng} if train else {},
+    )
     targets = jnp.take_along_axis(self.targets(consts, batch), select, axis=1)
     return logits, agg, targets
 
@@ -157,14 +209,12 @@ class BEiTv2:
     logits, agg, targets = self.forward(params, consts, batch, rng, train)
     ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, targets).mean()
     loss_main = ce(logits)
-    metrics = {"loss_main": loss_main,
-               "token_acc": jnp.mean(jnp.argmax(logits, -1) == targets)}
+    metrics = {"loss_main": loss_main, "token_acc": jnp.mean(jnp.argmax(logits, -1) == targets)}
     loss = loss_main
     if agg is not None:
       loss_agg = ce(agg)
-      loss = loss_main + loss_agg   # equal weights, engine_for_pretraining.py
-      metrics.update(loss_agg=loss_agg,
-                     token_acc_agg=jnp.mean(jnp.argmax(agg, -1) == targets))
+      loss = loss_main + loss_agg  # equal weights, engine_for_pretraining.py
+      metrics.update(loss_agg=loss_agg, token_acc_agg=jnp.mean(jnp.argmax(agg, -1) == targets))
     metrics["loss"] = loss
     return loss, metrics, {}
 
@@ -178,9 +228,10 @@ class BEiTv2:
     del extra
     batch = {k: jnp.asarray(v[:max_images]) for k, v in batch.items()}
     logits, _, targets = jax.jit(lambda p, b: self.forward(p, consts, b, None, False))(
-        params, batch)
+      params, batch
+    )
     right = np.asarray(jnp.argmax(logits, -1) == targets)
-    select = np.asarray(ccvit.selected_positions(batch["mask"], self.config.method.num_masked))
+    select = np.asarray(common.selected_positions(batch["mask"], self.config.method.num_masked))
     img = np.asarray(batch["image"], np.float32) / 255.0
     p, gw = self.patch, self.grid[1]
     masked, verdict = img.copy(), img.copy()

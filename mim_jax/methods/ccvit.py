@@ -1,24 +1,28 @@
-"""CCViT: centroid-centred masked image modelling (reference §4; a fork of BEiT v2).
+"""CCViT: centroid-centred masked image modelling (Cakeyan/CCViT_Public, a fork of
+microsoft/unilm:beit2).
 
 Per image: a BEiT v2 block mask of `num_masked` patches, plus `num_replaced` patches drawn
 uniformly from the unmasked ones whose pixels are replaced by the centroid of their own
-token (computed from the *original* pixels, before normalisation). The ViT sees the
+token (computed from the *original* pixels, before normalisation; `kmeans_mask` in
+Cakeyan/CCViT_Public:utils.py, applied in engine_for_pretraining.py). The ViT sees the
 replaced image with masked patch embeddings mixed with the mask token. Two losses, both
 over masked ∪ replaced positions:
   * token: final layer -> norm -> lm_head, cross-entropy against the centroid ids;
   * pixel: a 2-block "pixel block" fed with [final-layer cls, layer-l patches], its own LN
     and Linear(D, p*p*3), MSE against the original patch normalised per patch (unbiased
-    variance, eps 1e-6) in the reference's (c, y, x) order.
+    variance, eps 1e-6) in the official code's (c, y, x) order
+    (Cakeyan/CCViT_Public:modeling_pretrain.py, engine_for_pretraining.py).
 The pixel block reuses the BEiT v2 aggregation-head quirk: its Linear layers keep PyTorch's
-default init (only the depth rescale is applied), §1.3.
+default init (only the depth rescale is applied; `common.aggregation_blocks`).
+model.scan_layers / model.remat apply to the backbone's blocks; the pixel block stays
+unrolled.
 """
+
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -27,56 +31,15 @@ import optax
 
 from mim_jax import masking
 from mim_jax.data import transforms
+from mim_jax.methods import common
 from mim_jax.models import vit
-from mim_jax.tokenizers import build_centroids
 from mim_jax.tokenizers import centroids as centroid_lib
 from mim_jax.tokenizers import kmeans
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def backbone_kwargs(model_cfg, dtype: str = "float32") -> dict:
-  """VisionTransformer kwargs from config.model (variant + optional width/depth/heads)."""
-  kw = vit.vit_kwargs(model_cfg.variant)
-  for field, key in (("width", "embed_dim"), ("depth", "depth"), ("heads", "num_heads")):
-    if model_cfg.get(field, 0):
-      kw[key] = int(model_cfg[field])
-  kw.update(layer_scale_init=model_cfg.layer_scale_init,
-            drop_path_rate=model_cfg.drop_path_rate,
-            scan_layers=model_cfg.scan_layers, remat=model_cfg.remat,
-            dtype=_DTYPES[dtype])
-  return kw
-
-
-def patch_grid(config) -> tuple[int, tuple[int, int]]:
-  """(patch size, patch grid) of the student, with the image size checked against it."""
-  patch = vit.vit_kwargs(config.model.variant)["patch_size"]
-  size = config.data.image_size
-  if size % patch:
-    raise ValueError(f"config.data.image_size={size} is not a multiple of the "
-                     f"patch size {patch} (config.model.variant)")
-  return patch, (size // patch, size // patch)
-
-
-def aggregation_blocks(x, kw: dict, rel_pos_bias, *, early_layers: int, head_layers: int,
-                       prefix: str, train: bool):
-  """BEiT v2's cls-pt blocks (CCViT's pixel block): `head_layers` blocks after layer
-  `early_layers`, drop path rates continuing the backbone's, PyTorch-default init with the
-  depth rescale only (§1.3). Call inside a compact method: the blocks join its scope."""
-  dpr = np.linspace(0.0, kw.get("drop_path_rate", 0.0),
-                    max(kw["depth"], early_layers + head_layers))
-  for i in range(head_layers):
-    x = vit.Block(dim=kw["embed_dim"], num_heads=kw["num_heads"],
-                  layer_scale_init=kw.get("layer_scale_init", 0.1),
-                  drop_path=float(dpr[early_layers + i]), weight_init="torch_default",
-                  depth_rescale_layer_id=early_layers + i + 1,
-                  dtype=kw.get("dtype", jnp.float32),
-                  name=f"{prefix}_{i}")(x, rel_pos_bias=rel_pos_bias, train=train)
-  return x
 
 
 class CCViTModel(nn.Module):
   """Backbone + token head + pixel block. Returns predictions at `select` positions."""
+
   vit_kw: dict
   vocab_size: int
   early_layers: int
@@ -87,14 +50,23 @@ class CCViTModel(nn.Module):
   def __call__(self, images, mask, select, *, train: bool = False):
     kw = dict(self.vit_kw)
     dtype = kw.get("dtype", jnp.float32)
-    backbone = vit.VisionTransformer(**kw, use_mask_token=True, rel_pos="shared",
-                                     abs_pos="none", weight_init="beit", name="backbone")
+    backbone = vit.VisionTransformer(
+      **kw,
+      use_mask_token=True,
+      rel_pos="shared",
+      abs_pos="none",
+      weight_init="beit",
+      name="backbone",
+    )
     out = backbone(images, mask=mask, train=train, return_layers=(self.early_layers,))
     take = lambda x: jnp.take_along_axis(x, select[..., None], axis=1)
     dense = lambda n, names, name: nn.Dense(
-        n, dtype=dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(vit.trunc_normal_init(0.02, "std"), names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (names[1],)))
+      n,
+      dtype=dtype,
+      name=name,
+      kernel_init=nn.with_logical_partitioning(vit.trunc_normal_init(0.02, "std"), names),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (names[1],)),
+    )
 
     # Token branch: final norm -> lm_head, only at the selected positions.
     patches = take(out["normed"][:, 1:])
@@ -102,12 +74,23 @@ class CCViTModel(nn.Module):
 
     # Pixel block: final cls (before the final norm) + layer-l patch tokens.
     x = jnp.concatenate([out["last"][:, :1], out["layers"][self.early_layers][:, 1:]], axis=1)
-    x = aggregation_blocks(x, kw, out["rel_pos_bias"], early_layers=self.early_layers,
-                           head_layers=self.head_layers, prefix="pixel_block", train=train)
+    x = common.aggregation_blocks(
+      x,
+      kw,
+      out["rel_pos_bias"],
+      early_layers=self.early_layers,
+      head_layers=self.head_layers,
+      prefix="pixel_block",
+      train=train,
+    )
     x = take(x[:, 1:])
-    x = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name="pixel_norm",
-                     scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(x)
+    x = nn.LayerNorm(
+      epsilon=1e-6,
+      dtype=jnp.float32,
+      name="pixel_norm",
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+    )(x)
     pixel_pred = dense(self.pixel_dim, ("embed", None), "pixel_head")(x.astype(dtype))
     return token_logits, pixel_pred
 
@@ -119,35 +102,38 @@ def per_patch_normalize(patches: jax.Array, eps: float = 1e-6) -> jax.Array:
   return (patches - mean) / jnp.sqrt(var + eps)
 
 
-def selected_positions(select_mask: jax.Array, count: int) -> jax.Array:
-  """Indices (B, count) of the True entries of a (B, N) mask with exactly `count` Trues."""
-  order = jnp.argsort(jnp.logical_not(select_mask), axis=1, stable=True)
-  return order[:, :count]
-
-
 class CCViT:
   """The CCViT method plug-in (see mim_jax/methods/__init__.py for the interface)."""
 
   def __init__(self, config, *, workdir: str | None = None, source=None):
     self.config = config
     m, d = config.method, config.data
-    self.patch, self.grid = patch_grid(config)
+    self.patch, self.grid = common.patch_grid(config)
     if d.second_image_size != d.image_size:
-      raise ValueError("config.data.second_image_size must equal config.data.image_size "
-                       "for CCViT: replaced patches and pixel targets index the same grid")
+      raise ValueError(
+        "config.data.second_image_size must equal config.data.image_size "
+        "for CCViT: replaced patches and pixel targets index the same grid"
+      )
     self.num_patches = self.grid[0] * self.grid[1]
     if m.num_masked + m.num_replaced > self.num_patches:
-      raise ValueError(f"config.method: num_masked + num_replaced = "
-                       f"{m.num_masked + m.num_replaced} exceeds the {self.num_patches} patches")
+      raise ValueError(
+        f"config.method: num_masked + num_replaced = "
+        f"{m.num_masked + m.num_replaced} exceeds the {self.num_patches} patches"
+      )
     self.num_selected = m.num_masked + m.num_replaced
-    self.vit_kw = backbone_kwargs(config.model, config.dtype)
+    self.vit_kw = common.backbone_kwargs(config.model, config.dtype)
     if not 1 <= m.early_layers <= self.vit_kw["depth"]:
-      raise ValueError(f"config.method.early_layers={m.early_layers} must be in "
-                       f"[1, depth={self.vit_kw['depth']}]")
+      raise ValueError(
+        f"config.method.early_layers={m.early_layers} must be in [1, depth={self.vit_kw['depth']}]"
+      )
     self.tokenizer = self._load_tokenizer(workdir, source)
-    self.model = CCViTModel(self.vit_kw, vocab_size=self.tokenizer.centroids.shape[0],
-                            early_layers=m.early_layers, head_layers=m.head_layers,
-                            pixel_dim=3 * self.patch * self.patch)
+    self.model = CCViTModel(
+      self.vit_kw,
+      vocab_size=self.tokenizer.centroids.shape[0],
+      early_layers=m.early_layers,
+      head_layers=m.head_layers,
+      pixel_dim=3 * self.patch * self.patch,
+    )
     self.mean = jnp.asarray(transforms.IMAGENET_MEAN, jnp.float32)
     self.std = jnp.asarray(transforms.IMAGENET_STD, jnp.float32)
 
@@ -161,41 +147,72 @@ class CCViT:
       if cached and os.path.exists(cached + ".npy"):
         tok = centroid_lib.CentroidTokenizer.load(cached)
       elif t.build_if_missing and source is not None:
-        tok = build_codebook_from_source(source, k=t.k, images_per_class=t.images_per_class,
-                                         iters=t.iters, patch_size=self.patch,
-                                         image_size=self.config.data.image_size,
-                                         seed=t.seed)
+        tok = common.build_codebook_from_source(
+          source,
+          k=t.k,
+          images_per_class=t.images_per_class,
+          iters=t.iters,
+          patch_size=self.patch,
+          image_size=self.config.data.image_size,
+          seed=t.seed,
+        )
         if cached and jax.process_index() == 0:
           tok.save(cached)
       else:
         raise ValueError(
-            "config.tokenizer.path is empty: build the centroid codebook first, e.g. "
-            "`python -m mim_jax.tokenizers.build_centroids --source=imagefolder "
-            "--path=/data/imagenet/train --images_per_class=50 --k=8192 --iters=20 "
-            "--out=/data/ccvit_centroids` and pass --config.tokenizer.path=/data/ccvit_centroids "
-            "(or set --config.tokenizer.build_if_missing=True for small data)")
+          "config.tokenizer.path is empty: build the centroid codebook first, e.g. "
+          "`python -m mim_jax.tokenizers.build_centroids --source=imagefolder "
+          "--path=/data/imagenet/train --images_per_class=50 --k=8192 --iters=20 "
+          "--out=/data/ccvit_centroids` and pass --config.tokenizer.path=/data/ccvit_centroids "
+          "(or set --config.tokenizer.build_if_missing=True for small data)"
+        )
     if tok.patch_size != self.patch:
-      raise ValueError(f"config.tokenizer.path: codebook patch size {tok.patch_size} != "
-                       f"model patch size {self.patch}")
+      raise ValueError(
+        f"config.tokenizer.path: codebook patch size {tok.patch_size} != "
+        f"model patch size {self.patch}"
+      )
     return tok
 
   def consts(self) -> dict:
     return {"centroids": jnp.asarray(self.tokenizer.centroids, jnp.float32)}
 
+  def frozen_fingerprint(self) -> dict[str, str]:
+    """The codebook: the files of config.tokenizer.path, or the content of the one built
+    into (or read back from) the workdir."""
+    t = self.config.tokenizer
+    if t.path:
+      return {"tokenizer.path": common.codebook_fingerprint(t.path)}
+    return {
+      "tokenizer.path": "codebook built in the workdir from the training data, "
+      + common.array_fingerprint(self.tokenizer.centroids)
+    }
+
   def fingerprint(self) -> dict:
     c = self.config
-    return {"method": "ccvit", "model.variant": c.model.variant, "model.width": c.model.width,
-            "model.depth": c.model.depth, "model.heads": c.model.heads,
-            "model.scan_layers": c.model.scan_layers, "method.early_layers": c.method.early_layers,
-            "method.head_layers": c.method.head_layers,
-            "tokenizer.k": int(self.tokenizer.centroids.shape[0]),
-            "data.image_size": c.data.image_size}
+    return {
+      "method": "ccvit",
+      "model.variant": c.model.variant,
+      "model.width": c.model.width,
+      "model.depth": c.model.depth,
+      "model.heads": c.model.heads,
+      "model.scan_layers": c.model.scan_layers,
+      "method.early_layers": c.method.early_layers,
+      "method.head_layers": c.method.head_layers,
+      "tokenizer.k": int(self.tokenizer.centroids.shape[0]),
+      "data.image_size": c.data.image_size,
+    }
 
   # ---------------------------------------------------------------- host side
   def prepare(self, example: dict, rng: np.random.Generator) -> dict:
     m = self.config.method
-    mask = masking.block_mask(rng, grid=self.grid, num_masked=m.num_masked,
-                              min_block=m.min_block, min_aspect=m.min_aspect, exact=True)
+    mask = masking.block_mask(
+      rng,
+      grid=self.grid,
+      num_masked=m.num_masked,
+      min_block=m.min_block,
+      min_aspect=m.min_aspect,
+      exact=True,
+    )
     replaced = masking.replaced_positions(rng, mask, m.num_replaced)
     example["mask"] = mask
     example["replaced"] = replaced
@@ -206,22 +223,27 @@ class CCViT:
     """Tokens of view 2, the replaced + normalised student image, and pixel targets."""
     x1 = batch["image"].astype(jnp.float32) / 255.0
     x2 = batch["image2"].astype(jnp.float32) / 255.0
-    patches2 = centroid_lib.patchify(x2, self.patch)                    # (B, N, d), (c,y,x)
+    patches2 = centroid_lib.patchify(x2, self.patch)  # (B, N, d), (c,y,x)
     b, n, dim = patches2.shape
     tokens = kmeans.assign(patches2.reshape(b * n, dim), centroids).reshape(b, n)
     patches1 = centroid_lib.patchify(x1, self.patch)
     patches1 = jnp.where(batch["replaced"][..., None], centroids[tokens], patches1)
     student = centroid_lib.unpatchify(patches1, self.patch, self.grid)
-    student = (student - self.mean) / self.std                       # after replacing
+    student = (student - self.mean) / self.std  # after replacing
     return tokens, student, patches2
 
   def _forward(self, params, batch, consts, rng, train):
     tokens, student, patches2 = self._corrupt(batch, consts["centroids"])
-    select = selected_positions(batch["mask"] | batch["replaced"], self.num_selected)
+    select = common.selected_positions(batch["mask"] | batch["replaced"], self.num_selected)
     dtype = self.vit_kw["dtype"]
     logits, pixels = self.model.apply(
-        {"params": params}, student.astype(dtype), batch["mask"], select, train=train,
-        rngs={"dropout": rng} if train else {})
+      {"params": params},
+      student.astype(dtype),
+      batch["mask"],
+      select,
+      train=train,
+      rngs={"dropout": rng} if train else {},
+    )
     targets = jnp.take_along_axis(tokens, select, axis=1)
     pixel_targets = per_patch_normalize(jnp.take_along_axis(patches2, select[..., None], axis=1))
     return logits, pixels, targets, pixel_targets, select
@@ -243,8 +265,7 @@ class CCViT:
     loss_pixel = jnp.mean((pixels.astype(jnp.float32) - pixel_targets) ** 2)
     loss = m.token_loss_weight * loss_token + m.pixel_loss_weight * loss_pixel
     acc = jnp.mean(jnp.argmax(logits, -1) == targets)
-    metrics = {"loss": loss, "loss_token": loss_token, "loss_pixel": loss_pixel,
-               "token_acc": acc}
+    metrics = {"loss": loss, "loss_token": loss_token, "loss_pixel": loss_pixel, "token_acc": acc}
     return loss, metrics, {}
 
   @staticmethod
@@ -257,8 +278,9 @@ class CCViT:
     del extra
     batch = {k: v[:max_images] for k, v in batch.items()}
     centroids = consts["centroids"]
-    logits, _, _, _, select = jax.jit(
-        lambda p, b: self._forward(p, b, consts, None, False))(params, batch)
+    logits, _, _, _, select = jax.jit(lambda p, b: self._forward(p, b, consts, None, False))(
+      params, batch
+    )
     tokens, _, patches2 = self._corrupt(jax.tree.map(jnp.asarray, batch), centroids)
     pred = jnp.argmax(logits, -1)
     b = patches2.shape[0]
@@ -270,30 +292,6 @@ class CCViT:
     panels = [patches2, corrupted, recon, tok_recon]
     imgs = [centroid_lib.unpatchify(p, self.patch, self.grid) for p in panels]
     grid = np.concatenate([np.concatenate(list(np.asarray(im)), axis=1) for im in imgs], axis=0)
-    scale = max(1, 128 // self.config.data.image_size)   # small images: enlarge, no blur
+    scale = max(1, 128 // self.config.data.image_size)  # small images: enlarge, no blur
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     return (np.clip(grid, 0, 1) * 255).astype(np.uint8)
-
-
-def build_codebook_from_source(source, *, k, images_per_class, iters, patch_size, image_size,
-                               seed) -> centroid_lib.CentroidTokenizer:
-  """The codebook command's k-means over up to `images_per_class` centre crops per label of
-  `source` (the training data), for small data sets that ship without a codebook."""
-  t0 = time.time()
-  order = np.random.default_rng(seed).permutation(len(source))
-  per_class, picked = {}, []
-  for i in order:
-    ex = source[int(i)]
-    label = int(ex.get("label", 0))
-    if per_class.get(label, 0) >= images_per_class:
-      continue
-    per_class[label] = per_class.get(label, 0) + 1
-    picked.append(build_centroids.resize_center_crop(ex["image"], image_size))
-  images = np.stack(picked)
-  k_eff = min(k, len(images) * (image_size // patch_size) ** 2)
-  tok = build_centroids.fit_codebook(images, k=k_eff, iters=iters, patch_size=patch_size,
-                                     seed=seed, images_per_class=images_per_class,
-                                     description=repr(source), log=logging.info)
-  logging.info("built a %d-centroid codebook from %d images in %.1fs", k_eff, len(images),
-               time.time() - t0)
-  return tok

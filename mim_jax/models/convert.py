@@ -12,6 +12,7 @@ are rebuilt by the model and dropped silently; every other key that has no home
 
 Only numpy is used here; torch tensors are converted with .detach().cpu().numpy().
 """
+
 import logging
 import re
 from typing import Any, Mapping
@@ -25,36 +26,38 @@ _DERIVED_SUFFIXES = ('relative_position_index', 'k_bias')
 
 # Per-block torch suffix -> (flax path inside the block, transform).
 _BLOCK_KEYS = {
-    'norm1.weight': (('norm1', 'scale'), None),
-    'norm1.bias': (('norm1', 'bias'), None),
-    'norm2.weight': (('norm2', 'scale'), None),
-    'norm2.bias': (('norm2', 'bias'), None),
-    'attn.qkv.weight': (('attn', 'qkv', 'kernel'), 'linear'),
-    'attn.q_bias': (('attn', 'q_bias'), None),
-    'attn.v_bias': (('attn', 'v_bias'), None),
-    'attn.proj.weight': (('attn', 'proj', 'kernel'), 'linear'),
-    'attn.proj.bias': (('attn', 'proj', 'bias'), None),
-    'attn.relative_position_bias_table': (('rel_pos_bias', 'relative_position_bias_table'), None),
-    'mlp.fc1.weight': (('mlp', 'fc1', 'kernel'), 'linear'),
-    'mlp.fc1.bias': (('mlp', 'fc1', 'bias'), None),
-    'mlp.fc2.weight': (('mlp', 'fc2', 'kernel'), 'linear'),
-    'mlp.fc2.bias': (('mlp', 'fc2', 'bias'), None),
-    'gamma_1': (('gamma_1',), None),
-    'gamma_2': (('gamma_2',), None),
-    'ls1.gamma': (('gamma_1',), None),
-    'ls2.gamma': (('gamma_2',), None),
+  'norm1.weight': (('norm1', 'scale'), None),
+  'norm1.bias': (('norm1', 'bias'), None),
+  'norm2.weight': (('norm2', 'scale'), None),
+  'norm2.bias': (('norm2', 'bias'), None),
+  'attn.qkv.weight': (('attn', 'qkv', 'kernel'), 'linear'),
+  'attn.q_bias': (('attn', 'q_bias'), None),
+  'attn.v_bias': (('attn', 'v_bias'), None),
+  'attn.proj.weight': (('attn', 'proj', 'kernel'), 'linear'),
+  'attn.proj.bias': (('attn', 'proj', 'bias'), None),
+  'attn.relative_position_bias_table': (('rel_pos_bias', 'relative_position_bias_table'), None),
+  'mlp.fc1.weight': (('mlp', 'fc1', 'kernel'), 'linear'),
+  'mlp.fc1.bias': (('mlp', 'fc1', 'bias'), None),
+  'mlp.fc2.weight': (('mlp', 'fc2', 'kernel'), 'linear'),
+  'mlp.fc2.bias': (('mlp', 'fc2', 'bias'), None),
+  'gamma_1': (('gamma_1',), None),
+  'gamma_2': (('gamma_2',), None),
+  'ls1.gamma': (('gamma_1',), None),
+  'ls2.gamma': (('gamma_2',), None),
 }
 
 _TOP_KEYS = {
-    'patch_embed.proj.weight': (('patch_embed', 'kernel'), 'conv'),
-    'patch_embed.proj.bias': (('patch_embed', 'bias'), None),
-    'cls_token': (('cls_token',), None),
-    'mask_token': (('mask_token',), None),
-    'pos_embed': (('pos_embed',), None),
-    'rel_pos_bias.relative_position_bias_table': (
-        ('rel_pos_bias', 'relative_position_bias_table'), None),
-    'norm.weight': (('norm', 'scale'), None),
-    'norm.bias': (('norm', 'bias'), None),
+  'patch_embed.proj.weight': (('patch_embed', 'kernel'), 'conv'),
+  'patch_embed.proj.bias': (('patch_embed', 'bias'), None),
+  'cls_token': (('cls_token',), None),
+  'mask_token': (('mask_token',), None),
+  'pos_embed': (('pos_embed',), None),
+  'rel_pos_bias.relative_position_bias_table': (
+    ('rel_pos_bias', 'relative_position_bias_table'),
+    None,
+  ),
+  'norm.weight': (('norm', 'scale'), None),
+  'norm.bias': (('norm', 'bias'), None),
 }
 
 _BLOCK_RE = re.compile(r'^blocks\.(\d+)\.(.+)$')
@@ -82,9 +85,15 @@ def _set(tree: dict, path: tuple, value):
   tree[path[-1]] = value
 
 
-def beit_from_torch(state_dict: Mapping[str, Any], *, depth: int, scan_layers: bool = False,
-                    prefix: str = '', dtype: Any = np.float32,
-                    return_unused: bool = False):
+def beit_from_torch(
+  state_dict: Mapping[str, Any],
+  *,
+  depth: int,
+  scan_layers: bool = False,
+  prefix: str = '',
+  dtype: Any = np.float32,
+  return_unused: bool = False,
+):
   """Converts a timm / official BEiT(v2) state dict to VisionTransformer params.
 
   Args:
@@ -108,7 +117,7 @@ def beit_from_torch(state_dict: Mapping[str, Any], *, depth: int, scan_layers: b
   for key, value in state_dict.items():
     if not key.startswith(prefix):
       continue
-    name = key[len(prefix):]
+    name = key[len(prefix) :]
     if name.endswith(_DERIVED_SUFFIXES):
       continue
     match = _BLOCK_RE.match(name)
@@ -131,8 +140,9 @@ def beit_from_torch(state_dict: Mapping[str, Any], *, depth: int, scan_layers: b
 
   missing = sorted(set(range(depth)) - seen_blocks)
   if missing:
-    raise ValueError(f'checkpoint has no weights for blocks {missing} (depth={depth}, '
-                     f'prefix={prefix!r})')
+    raise ValueError(
+      f'checkpoint has no weights for blocks {missing} (depth={depth}, prefix={prefix!r})'
+    )
   unused.sort()
   if unused:
     logging.info('beit_from_torch: %d unused keys: %s', len(unused), unused)

@@ -1,6 +1,8 @@
 """BEiT-style Vision Transformer backbone shared by every method.
 
-Numerics follow the reference code (spec §0.1, §1.1, §5.1): pre-norm blocks,
+Numerics follow the official code (`microsoft/unilm:beit2/modeling_finetune.py`,
+`microsoft/unilm:beit2/modeling_pretrain.py`, `Atten4Vis/CAE:models/modeling_cae_helper.py`;
+docs/reference_details.md#shared-numerics and #beit-v2-backbone): pre-norm blocks,
 exact GELU, LayerNorm eps 1e-6 computed in fp32 with a two-pass variance, one
 bias-free `qkv` projection plus learnable q/v biases (k bias fixed at 0), layer
 scale, per-sample drop path, and relative position bias (shared by all layers,
@@ -10,6 +12,7 @@ shard them with its rules; without rules the annotations are no-ops.
 Images are NHWC and already normalised. Token 0 is the cls token, patch tokens
 follow in row-major (h, w) order.
 """
+
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -19,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 VIT_SIZES = {
-    'T': dict(embed_dim=192, depth=12, num_heads=3),
-    'S': dict(embed_dim=384, depth=12, num_heads=6),
-    'B': dict(embed_dim=768, depth=12, num_heads=12),
-    'L': dict(embed_dim=1024, depth=24, num_heads=16),
+  'T': dict(embed_dim=192, depth=12, num_heads=3),
+  'S': dict(embed_dim=384, depth=12, num_heads=6),
+  'B': dict(embed_dim=768, depth=12, num_heads=12),
+  'L': dict(embed_dim=1024, depth=24, num_heads=16),
 }
 
 # Logical axis names of activations between blocks.
@@ -39,8 +42,10 @@ def vit_kwargs(variant: str) -> dict:
   """
   size, _, patch = variant.partition('/')
   if size not in VIT_SIZES or (patch and not patch.isdigit()):
-    raise ValueError(f'Unknown ViT variant {variant!r}: expected one of '
-                     f'{sorted(VIT_SIZES)} optionally followed by /<patch>, e.g. "B/16".')
+    raise ValueError(
+      f'Unknown ViT variant {variant!r}: expected one of '
+      f'{sorted(VIT_SIZES)} optionally followed by /<patch>, e.g. "B/16".'
+    )
   return dict(VIT_SIZES[size], patch_size=int(patch) if patch else 16)
 
 
@@ -56,7 +61,10 @@ def num_relative_distances(grid: tuple[int, int]) -> int:
 
 
 def relative_position_index(grid: tuple[int, int]) -> np.ndarray:
-  """(N+1, N+1) int32 index into the bias table, cls token at index 0 (§1.1).
+  """(N+1, N+1) int32 index into the bias table, cls token at index 0.
+
+  As `RelativePositionBias` in `microsoft/unilm:beit2/modeling_finetune.py`
+  (docs/reference_details.md#beit-v2-backbone).
 
   Patch pair (i, j): (h_i - h_j + H - 1) * (2W - 1) + (w_i - w_j + W - 1).
   Row 0 (cls query) = R-3, column 0 (cls key) = R-2, [0, 0] = R-1, R = table rows.
@@ -76,7 +84,9 @@ def relative_position_index(grid: tuple[int, int]) -> np.ndarray:
 
 
 def sincos_2d_pos_embed(grid: tuple[int, int], dim: int, cls_token: bool = True) -> np.ndarray:
-  """Fixed 2-D sin-cos embedding in the CAE v2 layout (§5.1), float32.
+  """Fixed 2-D sin-cos embedding in the CAE v2 layout, float32.
+
+  `Atten4Vis/CAE:models/modeling_cae_helper.py` (docs/reference_details.md#cae-v2-encoder).
 
   Token (r, c) (row-major) gets [sin(r w), cos(r w), sin(c w), cos(c w)] with
   w_k = 1 / 10000^(k / (dim/4)); a zero row is prepended for the cls token.
@@ -86,19 +96,20 @@ def sincos_2d_pos_embed(grid: tuple[int, int], dim: int, cls_token: bool = True)
     raise ValueError(f'sincos_2d_pos_embed needs dim divisible by 4, got {dim}')
   h, w = grid
   quarter = dim // 4
-  omega = 1.0 / 10000.0**(np.arange(quarter, dtype=np.float64) / quarter)
+  omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
   rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
   row_angles = rows.reshape(-1, 1) * omega[None]
   col_angles = cols.reshape(-1, 1) * omega[None]
   table = np.concatenate(
-      [np.sin(row_angles), np.cos(row_angles), np.sin(col_angles), np.cos(col_angles)], axis=1)
+    [np.sin(row_angles), np.cos(row_angles), np.sin(col_angles), np.cos(col_angles)], axis=1
+  )
   if cls_token:
     table = np.concatenate([np.zeros((1, dim)), table], axis=0)
   return table.astype(np.float32)
 
 
 def drop_path_rates(rate: float, depth: int) -> list[float]:
-  """Stochastic depth decay rule: linspace(0, rate, depth) (§0.1 item 8)."""
+  """Stochastic depth rates linspace(0, rate, depth) (docs/reference_details.md#shared-numerics)."""
   return [float(r) for r in np.linspace(0.0, rate, depth)]
 
 
@@ -162,7 +173,8 @@ def _dense_inits(init: str, fan_in: int) -> tuple[Initializer, Initializer]:
   _check_init(init)
   if init == 'torch_default':
     return torch_default_init(), torch_default_bias_init(fan_in)
-  if init == 'xavier':   # CAE's top-level _init_weights (reference §5.3 init caveat)
+  # 'xavier': CAE's top-level _init_weights (docs/reference_details.md#cae-v2-initialisation).
+  if init == 'xavier':
     return nn.initializers.xavier_uniform(), nn.initializers.zeros_init()
   cutoff = 'std' if init == 'beit' else 'abs2'
   return trunc_normal_init(0.02, cutoff), nn.initializers.zeros_init()
@@ -190,9 +202,14 @@ def _named(init_fn: Initializer, names: tuple) -> Initializer:
 def layer_norm(eps: float, param_dtype: Any, name: str) -> nn.LayerNorm:
   """LayerNorm in fp32 with the exact two-pass variance PyTorch uses."""
   return nn.LayerNorm(
-      epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, use_fast_variance=False,
-      scale_init=_named(nn.initializers.ones_init(), ('embed',)),
-      bias_init=_named(nn.initializers.zeros_init(), ('embed',)), name=name)
+    epsilon=eps,
+    dtype=jnp.float32,
+    param_dtype=param_dtype,
+    use_fast_variance=False,
+    scale_init=_named(nn.initializers.ones_init(), ('embed',)),
+    bias_init=_named(nn.initializers.zeros_init(), ('embed',)),
+    name=name,
+  )
 
 
 def _apply_norm(norm: nn.LayerNorm, x: jax.Array) -> jax.Array:
@@ -206,6 +223,7 @@ def _apply_norm(norm: nn.LayerNorm, x: jax.Array) -> jax.Array:
 
 class RelativePositionBias(nn.Module):
   """Learned relative position bias table (zero init), gathered to (heads, N+1, N+1)."""
+
   grid: tuple
   num_heads: int
   param_dtype: Any = jnp.float32
@@ -213,9 +231,12 @@ class RelativePositionBias(nn.Module):
   @nn.compact
   def __call__(self) -> jax.Array:
     grid = tuple(self.grid)
-    table = self.param('relative_position_bias_table',
-                       _named(nn.initializers.zeros_init(), (None, 'heads')),
-                       (num_relative_distances(grid), self.num_heads), self.param_dtype)
+    table = self.param(
+      'relative_position_bias_table',
+      _named(nn.initializers.zeros_init(), (None, 'heads')),
+      (num_relative_distances(grid), self.num_heads),
+      self.param_dtype,
+    )
     index = relative_position_index(grid)
     bias = jnp.take(table.astype(jnp.float32), index.reshape(-1), axis=0)
     bias = bias.reshape(index.shape + (self.num_heads,))
@@ -227,6 +248,7 @@ class Attention(nn.Module):
 
   Logits and softmax are computed in fp32 whatever the compute dtype.
   """
+
   dim: int
   num_heads: int
   qkv_bias: bool = True
@@ -234,7 +256,7 @@ class Attention(nn.Module):
   depth_rescale_layer_id: Any = None  # int, a tracer under nn.scan, or None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  k_bias: bool = False   # timm / MoCo v3 / DINO ViTs (and MaPeT) also learn a k bias
+  k_bias: bool = False  # timm / MoCo v3 / DINO ViTs (and MaPeT) also learn a k bias
 
   @nn.compact
   def __call__(self, x, rel_pos_bias=None, attn_mask=None):
@@ -243,15 +265,24 @@ class Attention(nn.Module):
     batch, length, _ = x.shape
     head_dim = self.dim // self.num_heads
     kernel_init, bias_init = _dense_inits(self.weight_init, self.dim)
-    qkv = nn.Dense(3 * self.dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                   kernel_init=_named(kernel_init, ('embed', 'qkv')), name='qkv')(x)
+    qkv = nn.Dense(
+      3 * self.dim,
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=_named(kernel_init, ('embed', 'qkv')),
+      name='qkv',
+    )(x)
     if self.qkv_bias:
       # q/v biases start at zero under every convention; k has no bias at all.
       zeros = _named(nn.initializers.zeros_init(), ('qkv',))
       q_bias = self.param('q_bias', zeros, (self.dim,), self.param_dtype)
       v_bias = self.param('v_bias', zeros, (self.dim,), self.param_dtype)
-      k_bias = (self.param('k_bias', zeros, (self.dim,), self.param_dtype) if self.k_bias
-                else jnp.zeros_like(q_bias))
+      k_bias = (
+        self.param('k_bias', zeros, (self.dim,), self.param_dtype)
+        if self.k_bias
+        else jnp.zeros_like(q_bias)
+      )
       bias = jnp.concatenate([q_bias, k_bias, v_bias])
       qkv = qkv + bias.astype(qkv.dtype)
     # (3, B, heads, N, head_dim): batch and head axes leading, which XLA:CPU's batched
@@ -271,14 +302,21 @@ class Attention(nn.Module):
     out = jnp.einsum('bhqk,bhkd->bqhd', probs, v.astype(self.dtype))
     out = out.reshape(batch, length, self.dim)
     kernel_init, bias_init = _dense_inits(self.weight_init, self.dim)
-    return nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=_named(_depth_rescaled(kernel_init, self.depth_rescale_layer_id),
-                                       ('qkv', 'embed')),
-                    bias_init=_named(bias_init, ('embed',)), name='proj')(out)
+    return nn.Dense(
+      self.dim,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=_named(
+        _depth_rescaled(kernel_init, self.depth_rescale_layer_id), ('qkv', 'embed')
+      ),
+      bias_init=_named(bias_init, ('embed',)),
+      name='proj',
+    )(out)
 
 
 class Mlp(nn.Module):
   """fc1 -> exact GELU -> fc2."""
+
   dim: int
   hidden_dim: int
   weight_init: str = 'beit'
@@ -289,15 +327,26 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     kernel_init, bias_init = _dense_inits(self.weight_init, self.dim)
-    x = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=_named(kernel_init, ('embed', 'mlp')),
-                 bias_init=_named(bias_init, ('mlp',)), name='fc1')(x)
+    x = nn.Dense(
+      self.hidden_dim,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=_named(kernel_init, ('embed', 'mlp')),
+      bias_init=_named(bias_init, ('mlp',)),
+      name='fc1',
+    )(x)
     x = nn.gelu(x, approximate=False)
     kernel_init, bias_init = _dense_inits(self.weight_init, self.hidden_dim)
-    return nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=_named(_depth_rescaled(kernel_init, self.depth_rescale_layer_id),
-                                       ('mlp', 'embed')),
-                    bias_init=_named(bias_init, ('embed',)), name='fc2')(x)
+    return nn.Dense(
+      self.dim,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=_named(
+        _depth_rescaled(kernel_init, self.depth_rescale_layer_id), ('mlp', 'embed')
+      ),
+      bias_init=_named(bias_init, ('embed',)),
+      name='fc2',
+    )(x)
 
 
 def _drop_path(module: nn.Module, x: jax.Array, rate, train: bool) -> jax.Array:
@@ -311,11 +360,14 @@ def _drop_path(module: nn.Module, x: jax.Array, rate, train: bool) -> jax.Array:
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block with layer scale and drop path (§1.1).
+  """Pre-norm transformer block with layer scale and drop path.
+
+  `Block` in `microsoft/unilm:beit2/modeling_finetune.py`.
 
   rel_pos_grid, when set, gives the block its own relative position table
   (scope 'rel_pos_bias'), added to any shared bias passed in.
   """
+
   dim: int
   num_heads: int
   mlp_ratio: float = 4.0
@@ -332,21 +384,39 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, rel_pos_bias=None, attn_mask=None, *, train: bool = False):
-    return self._forward(x, rel_pos_bias, attn_mask, train, self.depth_rescale_layer_id,
-                         self.drop_path)
+    return self._forward(
+      x, rel_pos_bias, attn_mask, train, self.depth_rescale_layer_id, self.drop_path
+    )
 
   def _forward(self, x, rel_pos_bias, attn_mask, train, rescale_layer_id, drop_rate):
     """The block body; nn.scan passes the layer id and drop rate as tracers."""
     _check_init(self.weight_init)
     x = x.astype(self.dtype)
     if self.rel_pos_grid is not None:
-      own_bias = RelativePositionBias(tuple(self.rel_pos_grid), self.num_heads,
-                                      self.param_dtype, name='rel_pos_bias')()
+      own_bias = RelativePositionBias(
+        tuple(self.rel_pos_grid), self.num_heads, self.param_dtype, name='rel_pos_bias'
+      )()
       rel_pos_bias = own_bias if rel_pos_bias is None else rel_pos_bias + own_bias
-    attn = Attention(self.dim, self.num_heads, self.qkv_bias, self.weight_init, rescale_layer_id,
-                     self.dtype, self.param_dtype, k_bias=self.k_bias, name='attn')
-    mlp = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.weight_init, rescale_layer_id, self.dtype,
-              self.param_dtype, name='mlp')
+    attn = Attention(
+      self.dim,
+      self.num_heads,
+      self.qkv_bias,
+      self.weight_init,
+      rescale_layer_id,
+      self.dtype,
+      self.param_dtype,
+      k_bias=self.k_bias,
+      name='attn',
+    )
+    mlp = Mlp(
+      self.dim,
+      int(self.dim * self.mlp_ratio),
+      self.weight_init,
+      rescale_layer_id,
+      self.dtype,
+      self.param_dtype,
+      name='mlp',
+    )
     norm1 = layer_norm(self.ln_eps, self.param_dtype, 'norm1')
     norm2 = layer_norm(self.ln_eps, self.param_dtype, 'norm2')
     if self.layer_scale_init:
@@ -374,6 +444,7 @@ class _LayerStep(Block):
   arguments so one stacked module can serve every layer. y is the block output
   when keep_output (to collect return_layers under scan), else None.
   """
+
   train: bool = False
   depth_rescale: bool = True
   use_drop_path: bool = False
@@ -382,9 +453,14 @@ class _LayerStep(Block):
   @nn.compact
   def __call__(self, x, layer_args, rel_pos_bias=None, attn_mask=None):
     layer_id, drop_rate = layer_args
-    x = self._forward(x, rel_pos_bias, attn_mask, self.train,
-                      layer_id if self.depth_rescale else None,
-                      drop_rate if self.use_drop_path else None)
+    x = self._forward(
+      x,
+      rel_pos_bias,
+      attn_mask,
+      self.train,
+      layer_id if self.depth_rescale else None,
+      drop_rate if self.use_drop_path else None,
+    )
     x = nn.with_logical_constraint(x, ACT_AXES)
     return x, (x if self.keep_output else None)
 
@@ -396,6 +472,7 @@ class VisionTransformer(nn.Module):
   scan_layers they are one scope 'blocks' whose params have a leading 'layers'
   axis (see convert.stack_layers / unstack_layers).
   """
+
   patch_size: int = 16
   embed_dim: int = 768
   depth: int = 12
@@ -419,12 +496,19 @@ class VisionTransformer(nn.Module):
   k_bias: bool = False
 
   def _block_kwargs(self, grid):
-    return dict(dim=self.embed_dim, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                qkv_bias=self.qkv_bias, k_bias=self.k_bias,
-                layer_scale_init=self.layer_scale_init,
-                ln_eps=self.ln_eps, weight_init=self.weight_init,
-                rel_pos_grid=grid if self.rel_pos == 'per_layer' else None,
-                dtype=self.dtype, param_dtype=self.param_dtype)
+    return dict(
+      dim=self.embed_dim,
+      num_heads=self.num_heads,
+      mlp_ratio=self.mlp_ratio,
+      qkv_bias=self.qkv_bias,
+      k_bias=self.k_bias,
+      layer_scale_init=self.layer_scale_init,
+      ln_eps=self.ln_eps,
+      weight_init=self.weight_init,
+      rel_pos_grid=grid if self.rel_pos == 'per_layer' else None,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
 
   def _embed(self, images, mask):
     """Patch embedding, mask-token mixing, cls token and absolute positions."""
@@ -438,15 +522,23 @@ class VisionTransformer(nn.Module):
       kernel_init, bias_init = trunc_normal_init(0.02, 'std'), nn.initializers.zeros_init()
     else:  # the timm-style models leave the patch conv at PyTorch's default
       kernel_init, bias_init = torch_default_init(), torch_default_bias_init(fan_in)
-    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=_named(kernel_init, (None, None, None, 'embed')),
-                bias_init=_named(bias_init, ('embed',)), name='patch_embed')(images)
+    x = nn.Conv(
+      self.embed_dim,
+      (p, p),
+      strides=(p, p),
+      padding='VALID',
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=_named(kernel_init, (None, None, None, 'embed')),
+      bias_init=_named(bias_init, ('embed',)),
+      name='patch_embed',
+    )(images)
     x = x.reshape(batch, grid[0] * grid[1], self.embed_dim)
 
-    token_init = _named(trunc_normal_init(0.02, 'std' if self.weight_init in ('beit', 'xavier')
-                                          else 'abs2'),
-                        (None, None, 'embed'))
+    token_init = _named(
+      trunc_normal_init(0.02, 'std' if self.weight_init in ('beit', 'xavier') else 'abs2'),
+      (None, None, 'embed'),
+    )
     if self.use_mask_token:
       mask_token = self.param('mask_token', token_init, (1, 1, self.embed_dim), self.param_dtype)
       if mask is not None:
@@ -469,8 +561,16 @@ class VisionTransformer(nn.Module):
     return x, grid
 
   @nn.compact
-  def __call__(self, images, *, mask=None, train: bool = False,
-               return_layers: Sequence[int] = (), attn_mask=None, keep=None) -> dict:
+  def __call__(
+    self,
+    images,
+    *,
+    mask=None,
+    train: bool = False,
+    return_layers: Sequence[int] = (),
+    attn_mask=None,
+    keep=None,
+  ) -> dict:
     """images: (B, H, W, C); mask: (B, N) bool, True = masked (mixed with mask_token).
 
     keep: optional (B, V) patch indices: only the cls token and these patches (with their
@@ -485,47 +585,68 @@ class VisionTransformer(nn.Module):
     return_layers = tuple(int(l) for l in return_layers)
     for l in return_layers:
       if not 1 <= l <= self.depth:
-        raise ValueError(f'return_layers entries are 1-based block ids in [1, {self.depth}], got {l}')
+        raise ValueError(
+          f'return_layers entries are 1-based block ids in [1, {self.depth}], got {l}'
+        )
 
     x, grid = self._embed(images, mask)
     if keep is not None:
       if self.rel_pos != 'none':
         raise ValueError("keep (visible patches only) needs rel_pos='none'")
-      x = jnp.concatenate([x[:, :1], jnp.take_along_axis(x[:, 1:], keep[..., None], axis=1)],
-                          axis=1)
+      x = jnp.concatenate(
+        [x[:, :1], jnp.take_along_axis(x[:, 1:], keep[..., None], axis=1)], axis=1
+      )
     x = nn.with_logical_constraint(x, ACT_AXES)
     rel_pos_bias = None
     if self.rel_pos == 'shared':
-      rel_pos_bias = RelativePositionBias(grid, self.num_heads, self.param_dtype,
-                                          name='rel_pos_bias')()
+      rel_pos_bias = RelativePositionBias(
+        grid, self.num_heads, self.param_dtype, name='rel_pos_bias'
+      )()
 
     rates = drop_path_rates(self.drop_path_rate, self.depth)
     layers = {}
     if self.scan_layers:
       step = nn.remat(_LayerStep, prevent_cse=False) if self.remat else _LayerStep
       scanned = nn.scan(
-          step, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-          in_axes=(0, nn.broadcast, nn.broadcast), length=self.depth,
-          metadata_params={nn.PARTITION_NAME: 'layers'})
-      layer_args = (jnp.arange(1, self.depth + 1, dtype=jnp.float32),
-                    jnp.asarray(rates, jnp.float32))
-      x, outputs = scanned(**self._block_kwargs(grid), train=train,
-                           depth_rescale=self.depth_rescale,
-                           use_drop_path=self.drop_path_rate > 0,
-                           keep_output=bool(return_layers), name='blocks')(
-                               x, layer_args, rel_pos_bias, attn_mask)
+        step,
+        variable_axes={'params': 0},
+        split_rngs={'params': True, 'dropout': True},
+        in_axes=(0, nn.broadcast, nn.broadcast),
+        length=self.depth,
+        metadata_params={nn.PARTITION_NAME: 'layers'},
+      )
+      layer_args = (
+        jnp.arange(1, self.depth + 1, dtype=jnp.float32),
+        jnp.asarray(rates, jnp.float32),
+      )
+      x, outputs = scanned(
+        **self._block_kwargs(grid),
+        train=train,
+        depth_rescale=self.depth_rescale,
+        use_drop_path=self.drop_path_rate > 0,
+        keep_output=bool(return_layers),
+        name='blocks',
+      )(x, layer_args, rel_pos_bias, attn_mask)
       layers = {l: outputs[l - 1] for l in return_layers}
     else:
       for i in range(self.depth):
         rescale_id = i + 1 if self.depth_rescale else None
         if self.remat:
           step = nn.remat(_LayerStep, prevent_cse=True)(
-              **self._block_kwargs(grid), train=train, depth_rescale=self.depth_rescale,
-              use_drop_path=rates[i] > 0, name=f'blocks_{i}')
+            **self._block_kwargs(grid),
+            train=train,
+            depth_rescale=self.depth_rescale,
+            use_drop_path=rates[i] > 0,
+            name=f'blocks_{i}',
+          )
           x, _ = step(x, (rescale_id, rates[i]), rel_pos_bias, attn_mask)
         else:
-          block = Block(**self._block_kwargs(grid), drop_path=rates[i],
-                        depth_rescale_layer_id=rescale_id, name=f'blocks_{i}')
+          block = Block(
+            **self._block_kwargs(grid),
+            drop_path=rates[i],
+            depth_rescale_layer_id=rescale_id,
+            name=f'blocks_{i}',
+          )
           x = block(x, rel_pos_bias, attn_mask, train=train)
           x = nn.with_logical_constraint(x, ACT_AXES)
         if i + 1 in return_layers:

@@ -1,19 +1,21 @@
 r"""OpenAI CLIP vision towers in Flax, with a converter from the official PyTorch weights.
 
-Reference: openai/CLIP `clip/model.py` (spec reference_details §6); open_clip's `model.py`,
-`transformer.py` and `modified_resnet.py` build the same architectures and are what the tests
-compare against (random weights: nothing is downloaded).
+Official code: `openai/CLIP:clip/model.py` (docs/reference_details.md#clip-towers); open_clip's
+`model.py`, `transformer.py` and `modified_resnet.py` build the same architectures and are what
+the tests compare against (random weights: nothing is downloaded).
 
 * `VisionTransformer` (ViT-B/16, ViT-L/14): conv1 patch embedding without bias, class and
   positional embeddings, ln_pre, pre-norm residual blocks (nn.MultiheadAttention semantics:
   q/k/v projections with full biases, out_proj; MLP c_fc -> QuickGELU -> c_proj), ln_post and
   a bias-free proj. OpenAI applies ln_post + proj to the cls token only; we apply them to every
-  token, which is what BEiT v2's VQ-KD (patches) and CAE v2 (cls + patches) regress (§6 table);
+  token, which is what BEiT v2's VQ-KD (patches) and CAE v2 (cls + patches) regress
+  (docs/reference_details.md#which-clip-features-each-method-uses);
   token 0 of that is exactly CLIP's image embedding ('pooled').
 * `ModifiedResNet` (RN50 ... RN50x64): 3-conv stem, anti-aliased Bottlenecks (avgpool(stride)
   before the expanding 1x1 conv and in the downsample path), BatchNorm with running statistics,
   AttentionPool2d. 'layer4' is the post-ReLU layer-4 grid before attention pooling, MaPeT's
-  k-CLIP features (§3.3); NHWC, so reshape(B, h*w, C) is torch's flatten(2).transpose(1, 2).
+  k-CLIP features (`aimagelab/MaPeT:data/kmeans/clip.py`); NHWC, so reshape(B, h*w, C) is
+  torch's flatten(2).transpose(1, 2).
 * Numerics: LayerNorm eps 1e-5 in fp32 (OpenAI's LayerNorm subclass), softmax and BatchNorm in
   fp32, matmuls/convs in `dtype` (bf16 on accelerators); ViT residual stream kept in fp32.
 * The teacher is frozen, so BatchNorm running statistics live in 'params' next to the weights:
@@ -25,6 +27,7 @@ Converting the official checkpoint once (torch needed only for this step; the co
 then `CLIPTeacher('clip_vitb16.npz')`. `CLIPTeacher('ViT-B-16.pt')` also works (needs torch),
 and `CLIPTeacher('random:ViT-B/16,width=64,layers=2')` is a random-weight stand-in for smoke runs.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,32 +40,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mim_jax.data.transforms import CLIP_MEAN, CLIP_STD  # noqa: F401  (re-exported)
+from mim_jax.data.transforms import CLIP_MEAN  # noqa: F401  (re-exported)
+from mim_jax.data.transforms import CLIP_STD  # noqa: F401  (re-exported)
 
-LN_EPS = 1e-5   # torch default; OpenAI computes LN in fp32 (clip/model.py:157-163)
+LN_EPS = 1e-5  # torch default; OpenAI computes LN in fp32 (clip/model.py:157-163)
 BN_EPS = 1e-5
 QUICK_GELU_ALPHA = 1.702
 HEAD_WIDTH = 64  # OpenAI build_model: ViT heads = width // 64, ResNet heads = width * 32 // 64
 
 # As OpenAI's checkpoints (build_model's inference) and open_clip's model_configs/*.json.
 CLIP_VISION_CONFIGS = {
-    'ViT-B/16': dict(kind='vit', image_size=224, patch_size=16, width=768, layers=12, heads=12,
-                     output_dim=512),
-    'ViT-L/14': dict(kind='vit', image_size=224, patch_size=14, width=1024, layers=24, heads=16,
-                     output_dim=768),
-    'RN50': dict(kind='resnet', image_size=224, width=64, layers=(3, 4, 6, 3), heads=32,
-                 output_dim=1024),
-    'RN101': dict(kind='resnet', image_size=224, width=64, layers=(3, 4, 23, 3), heads=32,
-                  output_dim=512),
-    'RN50x4': dict(kind='resnet', image_size=288, width=80, layers=(4, 6, 10, 6), heads=40,
-                   output_dim=640),
-    'RN50x16': dict(kind='resnet', image_size=384, width=96, layers=(6, 8, 18, 8), heads=48,
-                    output_dim=768),
-    'RN50x64': dict(kind='resnet', image_size=448, width=128, layers=(3, 15, 36, 10), heads=64,
-                    output_dim=1024),
+  'ViT-B/16': dict(
+    kind='vit', image_size=224, patch_size=16, width=768, layers=12, heads=12, output_dim=512
+  ),
+  'ViT-L/14': dict(
+    kind='vit', image_size=224, patch_size=14, width=1024, layers=24, heads=16, output_dim=768
+  ),
+  'RN50': dict(
+    kind='resnet', image_size=224, width=64, layers=(3, 4, 6, 3), heads=32, output_dim=1024
+  ),
+  'RN101': dict(
+    kind='resnet', image_size=224, width=64, layers=(3, 4, 23, 3), heads=32, output_dim=512
+  ),
+  'RN50x4': dict(
+    kind='resnet', image_size=288, width=80, layers=(4, 6, 10, 6), heads=40, output_dim=640
+  ),
+  'RN50x16': dict(
+    kind='resnet', image_size=384, width=96, layers=(6, 8, 18, 8), heads=48, output_dim=768
+  ),
+  'RN50x64': dict(
+    kind='resnet', image_size=448, width=128, layers=(3, 15, 36, 10), heads=64, output_dim=1024
+  ),
 }
-_FIELDS = {'vit': ('image_size', 'patch_size', 'width', 'layers', 'heads', 'output_dim'),
-           'resnet': ('image_size', 'width', 'layers', 'heads', 'output_dim')}
+_FIELDS = {
+  'vit': ('image_size', 'patch_size', 'width', 'layers', 'heads', 'output_dim'),
+  'resnet': ('image_size', 'width', 'layers', 'heads', 'output_dim'),
+}
 
 
 def canonical_name(name: str) -> str:
@@ -70,8 +83,9 @@ def canonical_name(name: str) -> str:
   for key in CLIP_VISION_CONFIGS:
     if name in (key, key.replace('/', '-')):
       return key
-  raise ValueError(f'Unknown CLIP vision model {name!r}: expected one of '
-                   f'{sorted(CLIP_VISION_CONFIGS)}')
+  raise ValueError(
+    f'Unknown CLIP vision model {name!r}: expected one of {sorted(CLIP_VISION_CONFIGS)}'
+  )
 
 
 def arch_name(arch: Mapping[str, Any]) -> str:
@@ -98,19 +112,23 @@ def validate_arch(arch: Mapping[str, Any]) -> dict:
     out[f] = tuple(int(x) for x in v) if f == 'layers' and kind == 'resnet' else int(v)
   if kind == 'vit':
     if out['image_size'] % out['patch_size'] or out['width'] % out['heads']:
-      raise ValueError(f'CLIP ViT arch: image_size must be a multiple of patch_size and width '
-                       f'of heads, got {out}')
+      raise ValueError(
+        f'CLIP ViT arch: image_size must be a multiple of patch_size and width of heads, got {out}'
+      )
   else:
     if len(out['layers']) != 4 or out['image_size'] % 32 or (out['width'] * 32) % out['heads']:
-      raise ValueError(f'CLIP ResNet arch: 4 stage depths, image_size a multiple of 32 and '
-                       f'width*32 a multiple of heads needed, got {out}')
+      raise ValueError(
+        f'CLIP ResNet arch: 4 stage depths, image_size a multiple of 32 and '
+        f'width*32 a multiple of heads needed, got {out}'
+      )
   return out
 
 
 # ----------------------------------------------------------------------------- modules
 def _layer_norm(name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32,
-                      use_fast_variance=False, name=name)
+  return nn.LayerNorm(
+    epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False, name=name
+  )
 
 
 def _dense(features: int, dtype, name: str):
@@ -125,14 +143,14 @@ def _attention(q, k, v, heads: int, dtype):
   k = k.reshape(b, k.shape[1], heads, hd).astype(dtype)
   v = v.reshape(b, v.shape[1], heads, hd).astype(dtype)
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-  weights = jax.nn.softmax(logits * (hd ** -0.5), axis=-1)
-  out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(dtype), v,
-                   preferred_element_type=jnp.float32)
+  weights = jax.nn.softmax(logits * (hd**-0.5), axis=-1)
+  out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(dtype), v, preferred_element_type=jnp.float32)
   return out.reshape(b, lq, d)
 
 
 class MultiheadAttention(nn.Module):
   """nn.MultiheadAttention self-attention; in_proj split into q, k, v (each with a bias)."""
+
   width: int
   heads: int
   dtype: Any = jnp.float32
@@ -148,6 +166,7 @@ class MultiheadAttention(nn.Module):
 
 class ResidualAttentionBlock(nn.Module):
   """Pre-norm block: x + attn(ln_1(x)); x + c_proj(QuickGELU(c_fc(ln_2(x))))."""
+
   width: int
   heads: int
   dtype: Any = jnp.float32
@@ -155,9 +174,10 @@ class ResidualAttentionBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = x + MultiheadAttention(self.width, self.heads, self.dtype, name='attn')(
-        _layer_norm('ln_1')(x)).astype(jnp.float32)
+      _layer_norm('ln_1')(x)
+    ).astype(jnp.float32)
     h = _dense(4 * self.width, self.dtype, 'c_fc')(_layer_norm('ln_2')(x)).astype(jnp.float32)
-    h = h * jax.nn.sigmoid(QUICK_GELU_ALPHA * h)  # QuickGELU (§0.1 pitfall 1)
+    h = h * jax.nn.sigmoid(QUICK_GELU_ALPHA * h)  # QuickGELU (openai/CLIP:clip/model.py)
     return x + _dense(self.width, self.dtype, 'c_proj')(h).astype(jnp.float32)
 
 
@@ -168,6 +188,7 @@ class VisionTransformer(nn.Module):
   (CLIP's image embedding), and with return_intermediates 'layers': each block's output
   (B, 1+N, width)}, all float32.
   """
+
   image_size: int
   patch_size: int
   width: int
@@ -179,15 +200,25 @@ class VisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, images, *, return_intermediates: bool = False):
     if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
-      raise ValueError(f'CLIP ViT expects (B, {self.image_size}, {self.image_size}, 3) images '
-                       f'(its positional_embedding is fixed), got {images.shape}')
+      raise ValueError(
+        f'CLIP ViT expects (B, {self.image_size}, {self.image_size}, 3) images '
+        f'(its positional_embedding is fixed), got {images.shape}'
+      )
     p, w = self.patch_size, self.width
     grid = self.image_size // p
-    scale = w ** -0.5
-    x = nn.Conv(w, (p, p), strides=(p, p), padding='VALID', use_bias=False, dtype=self.dtype,
-                param_dtype=jnp.float32, name='conv1')(images)
+    scale = w**-0.5
+    x = nn.Conv(
+      w,
+      (p, p),
+      strides=(p, p),
+      padding='VALID',
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name='conv1',
+    )(images)
     b = x.shape[0]
-    x = x.reshape(b, grid * grid, w).astype(jnp.float32)   # row-major patches, as torch
+    x = x.reshape(b, grid * grid, w).astype(jnp.float32)  # row-major patches, as torch
     cls = self.param('class_embedding', nn.initializers.normal(scale), (w,))
     pos = self.param('positional_embedding', nn.initializers.normal(scale), (grid * grid + 1, w))
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, w)), x], axis=1) + pos
@@ -199,8 +230,12 @@ class VisionTransformer(nn.Module):
         layers.append(x)
     x = _layer_norm('ln_post')(x)
     proj = self.param('proj', nn.initializers.normal(scale), (w, self.output_dim))
-    tokens = jnp.einsum('bnd,de->bne', x.astype(self.dtype), proj.astype(self.dtype),
-                        preferred_element_type=jnp.float32)
+    tokens = jnp.einsum(
+      'bnd,de->bne',
+      x.astype(self.dtype),
+      proj.astype(self.dtype),
+      preferred_element_type=jnp.float32,
+    )
     out = {'tokens': tokens, 'pooled': tokens[:, 0]}
     if return_intermediates:
       out['layers'] = layers
@@ -209,23 +244,33 @@ class VisionTransformer(nn.Module):
 
 class FrozenBatchNorm(nn.Module):
   """Inference-mode BatchNorm2d; running statistics are (frozen) params 'mean' and 'var'."""
+
   features: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     ones, zeros, c = nn.initializers.ones_init(), nn.initializers.zeros_init(), (self.features,)
-    scale, bias, mean, var = (self.param(n, init, c) for n, init in
-                              (('scale', ones), ('bias', zeros), ('mean', zeros), ('var', ones)))
+    scale, bias, mean, var = (
+      self.param(n, init, c)
+      for n, init in (('scale', ones), ('bias', zeros), ('mean', zeros), ('var', ones))
+    )
     y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + BN_EPS) * scale + bias
     return y.astype(self.dtype)
 
 
 def _conv(features: int, kernel: int, dtype, name: str, stride: int = 1):
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-                 param_dtype=jnp.float32, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=False,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+  )
 
 
 def _avg_pool(x, size: int):
@@ -246,6 +291,7 @@ def resnet_blocks(arch: Mapping[str, Any]) -> Iterator[tuple[int, int, int, int,
 
 class Bottleneck(nn.Module):
   """1x1 -> 3x3 -> avgpool(stride) -> 1x1 (x4); downsample = avgpool -> 1x1 -> BN."""
+
   planes: int
   stride: int
   downsample: bool
@@ -254,25 +300,30 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x):
     d = self.dtype
-    out = nn.relu(FrozenBatchNorm(self.planes, dtype=d, name='bn1')(
-        _conv(self.planes, 1, d, 'conv1')(x)))
-    out = nn.relu(FrozenBatchNorm(self.planes, dtype=d, name='bn2')(
-        _conv(self.planes, 3, d, 'conv2')(out)))
+    out = nn.relu(
+      FrozenBatchNorm(self.planes, dtype=d, name='bn1')(_conv(self.planes, 1, d, 'conv1')(x))
+    )
+    out = nn.relu(
+      FrozenBatchNorm(self.planes, dtype=d, name='bn2')(_conv(self.planes, 3, d, 'conv2')(out))
+    )
     if self.stride > 1:
       out = _avg_pool(out, self.stride)
     out = FrozenBatchNorm(self.planes * 4, dtype=d, name='bn3')(
-        _conv(self.planes * 4, 1, d, 'conv3')(out))
+      _conv(self.planes * 4, 1, d, 'conv3')(out)
+    )
     identity = x
     if self.downsample:
       if self.stride > 1:
         identity = _avg_pool(identity, self.stride)
       identity = FrozenBatchNorm(self.planes * 4, dtype=d, name='downsample_1')(
-          _conv(self.planes * 4, 1, d, 'downsample_0')(identity))
+        _conv(self.planes * 4, 1, d, 'downsample_0')(identity)
+      )
     return nn.relu(out + identity)
 
 
 class AttentionPool2d(nn.Module):
   """Mean token prepended, positional embedding, one-query multi-head attention, c_proj."""
+
   spacial_dim: int
   embed_dim: int
   heads: int
@@ -282,13 +333,16 @@ class AttentionPool2d(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    pos = self.param('positional_embedding', nn.initializers.normal(c ** -0.5),
-                     (self.spacial_dim ** 2 + 1, c))
+    pos = self.param(
+      'positional_embedding', nn.initializers.normal(c**-0.5), (self.spacial_dim**2 + 1, c)
+    )
     if h * w + 1 != pos.shape[0]:
-      raise ValueError(f'CLIP attnpool: a {h}x{w} layer-4 grid does not match its '
-                       f'{self.spacial_dim}x{self.spacial_dim} positional_embedding (feed '
-                       f'{self.spacial_dim * 32}px images, or use layer4 only)')
-    x = x.reshape(b, h * w, c).astype(jnp.float32)    # = torch flatten(2) of NCHW
+      raise ValueError(
+        f'CLIP attnpool: a {h}x{w} layer-4 grid does not match its '
+        f'{self.spacial_dim}x{self.spacial_dim} positional_embedding (feed '
+        f'{self.spacial_dim * 32}px images, or use layer4 only)'
+      )
+    x = x.reshape(b, h * w, c).astype(jnp.float32)  # = torch flatten(2) of NCHW
     x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1) + pos
     # Only the mean token's output is kept (x[0] in torch), so only its query is computed.
     q = _dense(c, self.dtype, 'q_proj')(x[:, :1])
@@ -304,6 +358,7 @@ class ModifiedResNet(nn.Module):
   Returns {'layer4': (B, h, w, 32*width) float32 post-ReLU grid before attention pooling} and,
   with attnpool=True (needs image_size inputs), 'pooled': (B, output_dim) float32.
   """
+
   image_size: int
   width: int
   layers: tuple
@@ -316,15 +371,19 @@ class ModifiedResNet(nn.Module):
     d, w = self.dtype, self.width
     x = images
     for i, (features, stride) in enumerate(((w // 2, 2), (w // 2, 1), (w, 1)), 1):
-      x = nn.relu(FrozenBatchNorm(features, dtype=d, name=f'bn{i}')(
-          _conv(features, 3, d, f'conv{i}', stride)(x)))
+      x = nn.relu(
+        FrozenBatchNorm(features, dtype=d, name=f'bn{i}')(
+          _conv(features, 3, d, f'conv{i}', stride)(x)
+        )
+      )
     x = _avg_pool(x, 2)
     for stage, j, planes, stride, downsample in resnet_blocks(dict(width=w, layers=self.layers)):
       x = Bottleneck(planes, stride, downsample, d, name=f'layer{stage}_{j}')(x)
     out = {'layer4': x.astype(jnp.float32)}
     if attnpool:
-      out['pooled'] = AttentionPool2d(self.image_size // 32, w * 32, self.heads,
-                                      self.output_dim, d, name='attnpool')(x)
+      out['pooled'] = AttentionPool2d(
+        self.image_size // 32, w * 32, self.heads, self.output_dim, d, name='attnpool'
+      )(x)
     return out
 
 
@@ -363,9 +422,10 @@ def init_params(arch: Mapping[str, Any], seed: int = 0) -> dict:
     elif name in ('class_embedding', 'positional_embedding', 'proj'):
       std = (shape[0] if name == 'proj' else shape[-1]) ** -0.5
     elif name in ('scale', 'var'):
-      return np.full(shape, bn3_scale if names[-2] == 'bn3' and len(names) == 3 else 1.0,
-                     np.float32)
-    else:   # bias, mean
+      return np.full(
+        shape, bn3_scale if names[-2] == 'bn3' and len(names) == 3 else 1.0, np.float32
+      )
+    else:  # bias, mean
       return np.zeros(shape, np.float32)
     return rng.standard_normal(shape, np.float32) * np.float32(std)
 
@@ -385,14 +445,21 @@ def resnet_layer4(model: ModifiedResNet, params, images) -> jax.Array:
 # ----------------------------------------------------------------------------- conversion
 # The checkpoint conversion and .npz files live in clip_convert (torch-facing code);
 # these names stay reachable from here for callers of the one-module API.
-_CONVERT_NAMES = ('infer_openai_arch', 'conversion_plan', 'check_params',
-                  'convert_openai_state_dict', 'load_openai_checkpoint', 'save_params',
-                  'load_params')
+_CONVERT_NAMES = (
+  'infer_openai_arch',
+  'conversion_plan',
+  'check_params',
+  'convert_openai_state_dict',
+  'load_openai_checkpoint',
+  'save_params',
+  'load_params',
+)
 
 
 def __getattr__(name: str):
   if name in _CONVERT_NAMES or name == 'main':
     from mim_jax.teachers import clip_convert  # pylint: disable=g-import-not-at-top
+
     return getattr(clip_convert, name)
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
@@ -407,22 +474,24 @@ def parse_random_spec(spec: str) -> tuple[dict, int]:
   Overrides: width, layers (ResNet: four '-'-separated depths), heads (default: OpenAI's rule
   from the width), image_size, patch_size (ViT), output_dim, seed. -> (arch, seed).
   """
-  name, *items = spec[len('random:'):].split(',')
+  name, *items = spec[len('random:') :].split(',')
   arch = dict(CLIP_VISION_CONFIGS[canonical_name(name)])
   overrides = {}
   for item in items:
     key, eq, value = item.partition('=')
     if not eq or key not in _OVERRIDES:
-      raise ValueError(f'{spec!r}: bad override {item!r}; expected key=value with key in '
-                       f'{_OVERRIDES}')
+      raise ValueError(
+        f'{spec!r}: bad override {item!r}; expected key=value with key in {_OVERRIDES}'
+      )
     try:
       if key == 'layers' and arch['kind'] == 'resnet':
         overrides[key] = tuple(int(x) for x in value.split('-'))
       else:
         overrides[key] = int(value)
     except ValueError as e:
-      raise ValueError(f'{spec!r}: {key}={value!r} must be an integer (ResNet layers: '
-                       'four, e.g. 1-1-1-1)') from e
+      raise ValueError(
+        f'{spec!r}: {key}={value!r} must be an integer (ResNet layers: four, e.g. 1-1-1-1)'
+      ) from e
   seed = overrides.pop('seed', 0)
   if 'width' in overrides and 'heads' not in overrides:
     scale = 1 if arch['kind'] == 'vit' else 32
@@ -442,6 +511,7 @@ class CLIPTeacher:
 
   def __init__(self, spec: str, *, dtype: Any = jnp.float32):
     from mim_jax.teachers import clip_convert  # pylint: disable=g-import-not-at-top
+
     self.spec = spec
     if spec.startswith('random:'):
       self.arch, seed = parse_random_spec(spec)
@@ -451,9 +521,11 @@ class CLIPTeacher:
     elif os.path.isfile(spec):
       self.arch, params = clip_convert.load_openai_checkpoint(spec)
     else:
-      raise FileNotFoundError(f'CLIP teacher {spec!r}: no such file (give a converted .npz, an '
-                              "OpenAI .pt checkpoint, or 'random:<name>' with a name in "
-                              f'{sorted(CLIP_VISION_CONFIGS)})')
+      raise FileNotFoundError(
+        f'CLIP teacher {spec!r}: no such file (give a converted .npz, an '
+        "OpenAI .pt checkpoint, or 'random:<name>' with a name in "
+        f'{sorted(CLIP_VISION_CONFIGS)})'
+      )
     self.dtype = jnp.dtype(dtype)
     self.model = build_vision_model(self.arch, self.dtype)
     self.params = jax.tree.map(jnp.asarray, params)
@@ -512,4 +584,5 @@ class CLIPTeacher:
 
 if __name__ == '__main__':
   from mim_jax.teachers import clip_convert  # pylint: disable=g-import-not-at-top
+
   sys.exit(clip_convert.main())

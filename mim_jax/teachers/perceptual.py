@@ -1,6 +1,6 @@
 r"""PeCo's perceptual teacher: a frozen self-supervised timm-style ViT (MoCo v3 / DINO).
 
-The PeCo code is not public (reference_details §2), so this follows the paper:
+The PeCo code is not public (docs/reference_details.md#peco), so this follows the paper:
   * "we use the pre-trained 100 epochs ViT-B model from self-supervised method MoCo v3 ...
     and the 3rd, 6th, 9th, and 12nd layer are selected for deep features";
   * Eq. 4: L_percep = sum_{l in S} 1 / (C_l H_l W_l) ||f_l(x) - f_l(x_hat)||^2 with f_l "the
@@ -32,6 +32,7 @@ abs_pos='learned', weight_init='timm')`. Checkpoints (torch is imported lazily):
   python -m mim_jax.teachers.perceptual --checkpoint=/ckpt/vit-b-300ep.pth.tar \
       --out=/ckpt/mocov3_vitb16.npz          # optional: later runs need no torch
 """
+
 from __future__ import annotations
 
 import json
@@ -61,12 +62,13 @@ _DROPPED_PREFIXES = ("head.", "head_dist.", "fc_norm.", "pre_logits.")
 class PerceptualViT(vit.VisionTransformer):
   """A timm-layout ViT whose `features` are the unit-normalised patch tokens of blocks
   `feature_layers` (1-based). Its params are exactly `vit.VisionTransformer`'s."""
+
   k_bias: bool = True
   layer_scale_init: Any = None
   rel_pos: str = "none"
   abs_pos: str = "learned"
   weight_init: str = "timm"
-  depth_rescale: bool = False   # timm has no BEiT depth rescale (only random init sees it)
+  depth_rescale: bool = False  # timm has no BEiT depth rescale (only random init sees it)
   feature_layers: Sequence[int] = DEFAULT_LAYERS
 
   def features(self, images01: jax.Array, *, normalize: bool = True) -> list[jax.Array]:
@@ -84,8 +86,9 @@ def unit_normalize(f: jax.Array, eps: float = UNIT_NORM_EPS) -> jax.Array:
   return f / (jnp.sqrt(jnp.sum(jnp.square(f), axis=-1, keepdims=True)) + eps)
 
 
-def perceptual_loss(feats_a: Sequence[jax.Array], feats_b: Sequence[jax.Array], *,
-                    channel_reduction: str = "mean") -> jax.Array:
+def perceptual_loss(
+  feats_a: Sequence[jax.Array], feats_b: Sequence[jax.Array], *, channel_reduction: str = "mean"
+) -> jax.Array:
   """PeCo Eq. 4: sum over layers of the mean (over batch, tokens and channels) squared
   difference of (already normalised) features. 'sum' sums over channels (LPIPS)."""
   if len(feats_a) != len(feats_b) or not feats_a:
@@ -101,36 +104,58 @@ def perceptual_loss(feats_a: Sequence[jax.Array], feats_b: Sequence[jax.Array], 
 
 
 # ----------------------------------------------------------------------------- arch
-def arch_dict(*, embed_dim: int, depth: int, num_heads: int, patch_size: int,
-              mlp_ratio: float = 4.0, image_size: int = 224) -> dict:
-  return dict(embed_dim=int(embed_dim), depth=int(depth), num_heads=int(num_heads),
-              patch_size=int(patch_size), mlp_ratio=float(mlp_ratio), image_size=int(image_size))
+def arch_dict(
+  *,
+  embed_dim: int,
+  depth: int,
+  num_heads: int,
+  patch_size: int,
+  mlp_ratio: float = 4.0,
+  image_size: int = 224,
+) -> dict:
+  return dict(
+    embed_dim=int(embed_dim),
+    depth=int(depth),
+    num_heads=int(num_heads),
+    patch_size=int(patch_size),
+    mlp_ratio=float(mlp_ratio),
+    image_size=int(image_size),
+  )
 
 
-def build_model(arch: Mapping[str, Any], layers: Sequence[int] = DEFAULT_LAYERS,
-                dtype: Any = jnp.float32) -> PerceptualViT:
+def build_model(
+  arch: Mapping[str, Any], layers: Sequence[int] = DEFAULT_LAYERS, dtype: Any = jnp.float32
+) -> PerceptualViT:
   layers = tuple(int(l) for l in layers)
   bad = [l for l in layers if not 1 <= l <= arch["depth"]]
   if bad or not layers:
-    raise ValueError(f"perceptual layers {layers} must be 1-based block ids in "
-                     f"[1, depth={arch['depth']}]")
-  return PerceptualViT(patch_size=arch["patch_size"], embed_dim=arch["embed_dim"],
-                       depth=arch["depth"], num_heads=arch["num_heads"],
-                       mlp_ratio=arch["mlp_ratio"], feature_layers=layers, dtype=dtype)
+    raise ValueError(
+      f"perceptual layers {layers} must be 1-based block ids in [1, depth={arch['depth']}]"
+    )
+  return PerceptualViT(
+    patch_size=arch["patch_size"],
+    embed_dim=arch["embed_dim"],
+    depth=arch["depth"],
+    num_heads=arch["num_heads"],
+    mlp_ratio=arch["mlp_ratio"],
+    feature_layers=layers,
+    dtype=dtype,
+  )
 
 
 def abstract_params(arch: Mapping[str, Any]) -> Any:
   """ShapeDtypeStructs of the params of `arch` (no allocation)."""
   model = build_model(arch, (arch["depth"],))
   size = arch["image_size"]
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                          jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+  shapes = jax.eval_shape(
+    model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  )
   return nn.unbox(shapes)["params"]
 
 
 # ----------------------------------------------------------------------------- conversion
 def _numpy(value: Any) -> np.ndarray:
-  if hasattr(value, "detach"):   # torch: fp16/bf16 -> fp32 first (numpy has no bf16)
+  if hasattr(value, "detach"):  # torch: fp16/bf16 -> fp32 first (numpy has no bf16)
     value = value.detach().cpu().float().numpy()
   return np.asarray(value, np.float32)
 
@@ -146,17 +171,23 @@ def resample_pos_embed(pos_embed: np.ndarray, new_grid: tuple[int, int]) -> np.n
     return pos_embed
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
   grid = torch.from_numpy(np.ascontiguousarray(pos_embed[:, 1:]))
   grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-  grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False,
-                       antialias=True)
+  grid = F.interpolate(
+    grid, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=True
+  )
   grid = grid.permute(0, 2, 3, 1).reshape(1, -1, pos_embed.shape[-1]).numpy()
   return np.concatenate([pos_embed[:, :1], grid], axis=1).astype(np.float32)
 
 
-def convert_timm_vit(state_dict: Mapping[str, Any], *, image_size: int | None = None,
-                     num_heads: int | None = None, source: str = "state dict"
-                     ) -> tuple[dict, dict]:
+def convert_timm_vit(
+  state_dict: Mapping[str, Any],
+  *,
+  image_size: int | None = None,
+  num_heads: int | None = None,
+  source: str = "state dict",
+) -> tuple[dict, dict]:
   """timm ViT keys -> (arch, params of `PerceptualViT` / `vit.VisionTransformer`).
 
   `blocks.i.attn.qkv.bias` (3D) becomes q_bias / k_bias / v_bias; heads (`head.*`,
@@ -168,12 +199,14 @@ def convert_timm_vit(state_dict: Mapping[str, Any], *, image_size: int | None = 
   sd = {k: v for k, v in state_dict.items() if not k.startswith(_DROPPED_PREFIXES)}
   for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
     if key not in sd:
-      raise ValueError(f"{source}: no {key!r}: not a timm-layout ViT (keys start with "
-                       f"{sorted(state_dict)[:5]})")
+      raise ValueError(
+        f"{source}: no {key!r}: not a timm-layout ViT (keys start with {sorted(state_dict)[:5]})"
+      )
   embed_dim = int(np.shape(sd["cls_token"])[-1])
   patch = int(np.shape(sd["patch_embed.proj.weight"])[-1])
-  depth = 1 + max((int(m.group(1)) for m in map(re.compile(r"^blocks\.(\d+)\.").match, sd)
-                   if m), default=-1)
+  depth = 1 + max(
+    (int(m.group(1)) for m in map(re.compile(r"^blocks\.(\d+)\.").match, sd) if m), default=-1
+  )
   if depth == 0:
     raise ValueError(f"{source}: no blocks.<i>.* keys")
   hidden = int(np.shape(sd.get("blocks.0.mlp.fc1.weight", np.zeros((4 * embed_dim, 1))))[0])
@@ -182,8 +215,14 @@ def convert_timm_vit(state_dict: Mapping[str, Any], *, image_size: int | None = 
   size = int(image_size or grid_side * patch)
   if size % patch:
     raise ValueError(f"image_size={size} is not a multiple of the patch size {patch}")
-  arch = arch_dict(embed_dim=embed_dim, depth=depth, num_heads=heads, patch_size=patch,
-                   mlp_ratio=hidden / embed_dim, image_size=size)
+  arch = arch_dict(
+    embed_dim=embed_dim,
+    depth=depth,
+    num_heads=heads,
+    patch_size=patch,
+    mlp_ratio=hidden / embed_dim,
+    image_size=size,
+  )
 
   # Full qkv bias -> the q_bias/v_bias names beit_from_torch knows; k_bias handled here
   # (beit_from_torch drops '*k_bias' as a derived BEiT buffer).
@@ -193,15 +232,17 @@ def convert_timm_vit(state_dict: Mapping[str, Any], *, image_size: int | None = 
     if m:
       b = _numpy(value)
       torch_like[f"blocks.{m.group(1)}.attn.q_bias"] = b[:embed_dim]
-      k_biases[int(m.group(1))] = b[embed_dim:2 * embed_dim]
-      torch_like[f"blocks.{m.group(1)}.attn.v_bias"] = b[2 * embed_dim:]
+      k_biases[int(m.group(1))] = b[embed_dim : 2 * embed_dim]
+      torch_like[f"blocks.{m.group(1)}.attn.v_bias"] = b[2 * embed_dim :]
     else:
       torch_like[key] = _numpy(value)
   params, unused = convert.beit_from_torch(torch_like, depth=depth, return_unused=True)
   if unused:
-    raise ValueError(f"{source}: keys with no place in a timm ViT (another architecture?): "
-                     f"{unused[:10]}{' ...' if len(unused) > 10 else ''}")
-  for i in range(depth):   # a ViT trained without qkv bias == zero biases
+    raise ValueError(
+      f"{source}: keys with no place in a timm ViT (another architecture?): "
+      f"{unused[:10]}{' ...' if len(unused) > 10 else ''}"
+    )
+  for i in range(depth):  # a ViT trained without qkv bias == zero biases
     attn = params[f"blocks_{i}"].setdefault("attn", {})
     attn["k_bias"] = k_biases.get(i, np.zeros((embed_dim,), np.float32))
     for name in ("q_bias", "v_bias"):
@@ -213,28 +254,37 @@ def convert_timm_vit(state_dict: Mapping[str, Any], *, image_size: int | None = 
 
 def _check_against_model(params: dict, arch: dict, source: str) -> None:
   """Every parameter the model needs is present with its shape, and nothing else."""
-  want = {jax.tree_util.keystr(p): v.shape
-          for p, v in jax.tree_util.tree_flatten_with_path(abstract_params(arch))[0]}
-  have = {jax.tree_util.keystr(p): np.shape(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  want = {
+    jax.tree_util.keystr(p): v.shape
+    for p, v in jax.tree_util.tree_flatten_with_path(abstract_params(arch))[0]
+  }
+  have = {
+    jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   missing = sorted(set(want) - set(have))
   if missing:
-    raise ValueError(f"{source}: missing weights for {missing[:8]}"
-                     f"{' ...' if len(missing) > 8 else ''} (timm keys blocks.<i>.norm1/attn.qkv/"
-                     "attn.proj/norm2/mlp.fc1/mlp.fc2, norm.*)")
+    raise ValueError(
+      f"{source}: missing weights for {missing[:8]}"
+      f"{' ...' if len(missing) > 8 else ''} (timm keys blocks.<i>.norm1/attn.qkv/"
+      "attn.proj/norm2/mlp.fc1/mlp.fc2, norm.*)"
+    )
   extra = sorted(set(have) - set(want))
   wrong = sorted(k for k in set(want) & set(have) if tuple(want[k]) != tuple(have[k]))
   if extra or wrong:
-    raise ValueError(f"{source}: weights do not fit the inferred ViT {arch}: unexpected "
-                     f"{extra[:5]} (layer scale? not a plain timm ViT), wrong shapes "
-                     f"{[(k, have[k], want[k]) for k in wrong[:5]]}")
+    raise ValueError(
+      f"{source}: weights do not fit the inferred ViT {arch}: unexpected "
+      f"{extra[:5]} (layer scale? not a plain timm ViT), wrong shapes "
+      f"{[(k, have[k], want[k]) for k in wrong[:5]]}"
+    )
 
 
 def _torch_load(path: str) -> Any:
   return torch_io.load_file(
-      path, what="perceptual teacher checkpoint",
-      convert_hint="convert it once elsewhere: python -m mim_jax.teachers.perceptual "
-                   "--checkpoint=... --out=....npz")
+    path,
+    what="perceptual teacher checkpoint",
+    convert_hint="convert it once elsewhere: python -m mim_jax.teachers.perceptual "
+    "--checkpoint=... --out=....npz",
+  )
 
 
 def _strip(sd: Mapping[str, Any], prefixes: Sequence[str]) -> dict:
@@ -246,7 +296,7 @@ def _strip(sd: Mapping[str, Any], prefixes: Sequence[str]) -> dict:
       changed = False
       for p in prefixes:
         if key.startswith(p):
-          key, changed = key[len(p):], True
+          key, changed = key[len(p) :], True
     out[key] = value
   return out
 
@@ -258,15 +308,18 @@ def moco_v3_state_dict(ckpt: Mapping[str, Any], source: str = "checkpoint") -> d
   if not isinstance(sd, Mapping):
     raise ValueError(f"{source}: expected a dict with 'state_dict' (MoCo v3 main_moco.py)")
   for prefix in ("module.base_encoder.", "base_encoder."):
-    enc = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    enc = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     if enc:
       return enc
-  raise ValueError(f"{source}: no 'module.base_encoder.*' keys, so not a MoCo v3 "
-                   f"checkpoint (first keys: {sorted(sd)[:5]})")
+  raise ValueError(
+    f"{source}: no 'module.base_encoder.*' keys, so not a MoCo v3 "
+    f"checkpoint (first keys: {sorted(sd)[:5]})"
+  )
 
 
-def dino_state_dict(ckpt: Mapping[str, Any], which: str = "teacher",
-                    source: str = "checkpoint") -> dict:
+def dino_state_dict(
+  ckpt: Mapping[str, Any], which: str = "teacher", source: str = "checkpoint"
+) -> dict:
   """The backbone of a DINO checkpoint, timm keys: a plain state dict or a full training
   checkpoint's `which` ('teacher', as DINO's own evaluation, or 'student')."""
   if not isinstance(ckpt, Mapping):
@@ -281,24 +334,27 @@ def dino_state_dict(ckpt: Mapping[str, Any], which: str = "teacher",
   return {k: v for k, v in sd.items() if not k.startswith("head.")}
 
 
-def load_moco_v3(path: str, *, image_size: int | None = None,
-                 num_heads: int | None = None) -> tuple[dict, dict]:
+def load_moco_v3(
+  path: str, *, image_size: int | None = None, num_heads: int | None = None
+) -> tuple[dict, dict]:
   """(arch, params) of a MoCo v3 ViT checkpoint (e.g. vit-b-300ep.pth.tar)."""
   sd = moco_v3_state_dict(_torch_load(path), source=path)
   if num_heads is None and int(np.shape(sd.get("cls_token", np.zeros(1)))[-1]) == 384:
-    num_heads = 12   # MoCo v3's vit_small uses 12 heads (vits.py), not timm's 6
+    num_heads = 12  # MoCo v3's vit_small uses 12 heads (vits.py), not timm's 6
   return convert_timm_vit(sd, image_size=image_size, num_heads=num_heads, source=path)
 
 
-def load_dino(path: str, *, which: str = "teacher", image_size: int | None = None,
-              num_heads: int | None = None) -> tuple[dict, dict]:
+def load_dino(
+  path: str, *, which: str = "teacher", image_size: int | None = None, num_heads: int | None = None
+) -> tuple[dict, dict]:
   """(arch, params) of a DINO ViT checkpoint (plain or full training checkpoint)."""
   sd = dino_state_dict(_torch_load(path), which, source=path)
   return convert_timm_vit(sd, image_size=image_size, num_heads=num_heads, source=path)
 
 
-def load_checkpoint(path: str, *, image_size: int | None = None,
-                    num_heads: int | None = None) -> tuple[dict, dict]:
+def load_checkpoint(
+  path: str, *, image_size: int | None = None, num_heads: int | None = None
+) -> tuple[dict, dict]:
   """Any of: a converted .npz, a MoCo v3 checkpoint, a DINO (or plain timm) one."""
   if path.endswith(".npz"):
     return load_npz(path, image_size=image_size)
@@ -315,8 +371,10 @@ def load_checkpoint(path: str, *, image_size: int | None = None,
 
 # ----------------------------------------------------------------------------- npz
 def save_npz(path: str, arch: dict, params: Any) -> None:
-  flat = {jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat = {
+    jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(v)
+    for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   tmp = path + ".tmp.npz"
   np.savez(tmp, __arch__=np.asarray(json.dumps(arch)), **flat)
   os.replace(tmp, path)
@@ -325,8 +383,10 @@ def save_npz(path: str, arch: dict, params: Any) -> None:
 def load_npz(path: str, *, image_size: int | None = None) -> tuple[dict, dict]:
   with np.load(path, allow_pickle=False) as z:
     if "__arch__" not in z:
-      raise ValueError(f"{path}: not a converted perceptual teacher (no __arch__); make one "
-                       "with python -m mim_jax.teachers.perceptual --checkpoint=... --out=...")
+      raise ValueError(
+        f"{path}: not a converted perceptual teacher (no __arch__); make one "
+        "with python -m mim_jax.teachers.perceptual --checkpoint=... --out=..."
+      )
     arch = json.loads(str(z["__arch__"]))
     params: dict = {}
     for key in z.files:
@@ -337,8 +397,9 @@ def load_npz(path: str, *, image_size: int | None = None) -> tuple[dict, dict]:
           node = node.setdefault(name, {})
         node[leaf] = z[key]
   if image_size and image_size != arch["image_size"]:
-    params["pos_embed"] = resample_pos_embed(params["pos_embed"],
-                                             (image_size // arch["patch_size"],) * 2)
+    params["pos_embed"] = resample_pos_embed(
+      params["pos_embed"], (image_size // arch["patch_size"],) * 2
+    )
     arch = dict(arch, image_size=int(image_size))
   _check_against_model(params, arch, path)
   return arch, params
@@ -347,22 +408,29 @@ def load_npz(path: str, *, image_size: int | None = None) -> tuple[dict, dict]:
 # ----------------------------------------------------------------------------- teacher
 def parse_random_spec(spec: str, image_size: int | None) -> tuple[dict, int]:
   """'random:B/16' or 'random:T/4,width=64,depth=4,heads=4,seed=0' -> (arch, seed)."""
-  body = spec[len("random:"):]
+  body = spec[len("random:") :]
   variant, *opts = [s for s in body.split(",") if s]
   kw = vit.vit_kwargs(variant or "B/16")
   seed = 0
   for opt in opts:
     key, _, value = opt.partition("=")
     if key in ("width", "depth", "heads", "seed") and value.isdigit():
-      kw[{"width": "embed_dim", "depth": "depth", "heads": "num_heads", "seed": "seed"}[key]] = \
-          int(value)
+      kw[{"width": "embed_dim", "depth": "depth", "heads": "num_heads", "seed": "seed"}[key]] = int(
+        value
+      )
     else:
-      raise ValueError(f"perceptual teacher {spec!r}: unknown option {opt!r} "
-                       "(width=, depth=, heads=, seed=)")
+      raise ValueError(
+        f"perceptual teacher {spec!r}: unknown option {opt!r} (width=, depth=, heads=, seed=)"
+      )
   seed = kw.pop("seed", seed)
   size = int(image_size or 224)
-  return arch_dict(embed_dim=kw["embed_dim"], depth=kw["depth"], num_heads=kw["num_heads"],
-                   patch_size=kw["patch_size"], image_size=size), seed
+  return arch_dict(
+    embed_dim=kw["embed_dim"],
+    depth=kw["depth"],
+    num_heads=kw["num_heads"],
+    patch_size=kw["patch_size"],
+    image_size=size,
+  ), seed
 
 
 class PerceptualTeacher:
@@ -374,9 +442,15 @@ class PerceptualTeacher:
   (params, images in [0, 1]) for use inside jit with `params` passed as a const.
   """
 
-  def __init__(self, spec: str, *, image_size: int | None = None,
-               layers: Sequence[int] = DEFAULT_LAYERS, channel_reduction: str = "mean",
-               num_heads: int | None = None):
+  def __init__(
+    self,
+    spec: str,
+    *,
+    image_size: int | None = None,
+    layers: Sequence[int] = DEFAULT_LAYERS,
+    channel_reduction: str = "mean",
+    num_heads: int | None = None,
+  ):
     if not spec:
       raise ValueError("perceptual teacher: empty spec (a checkpoint path or random:<variant>)")
     self.spec = spec
@@ -384,8 +458,9 @@ class PerceptualTeacher:
       arch, seed = parse_random_spec(spec, image_size)
       model = build_model(arch, layers)
       size = arch["image_size"]
-      params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed),
-                                            jnp.zeros((1, size, size, 3))))["params"]
+      params = nn.unbox(
+        jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3)))
+      )["params"]
     else:
       arch, params = load_checkpoint(spec, image_size=image_size, num_heads=num_heads)
     self.arch = arch
@@ -404,8 +479,10 @@ class PerceptualTeacher:
     model = self.model
 
     def fn(params, images01):
-      return model.apply({"params": params}, images01, normalize=normalize,
-                         method=PerceptualViT.features)
+      return model.apply(
+        {"params": params}, images01, normalize=normalize, method=PerceptualViT.features
+      )
+
     return fn
 
   def loss_fn(self):
@@ -414,8 +491,10 @@ class PerceptualTeacher:
     reduction = self.channel_reduction
 
     def fn(params, a01, b01):
-      return perceptual_loss(features(params, a01), features(params, b01),
-                             channel_reduction=reduction)
+      return perceptual_loss(
+        features(params, a01), features(params, b01), channel_reduction=reduction
+      )
+
     return fn
 
   def __repr__(self) -> str:
@@ -426,13 +505,18 @@ def main(argv: Sequence[str]) -> int:
   """--checkpoint=PATH --out=FILE.npz [--image_size=N] [--num_heads=N]: convert once."""
   args = dict(a[2:].partition("=")[::2] for a in argv[1:] if a.startswith("--"))
   if not args.get("checkpoint") or not args.get("out"):
-    print("usage: python -m mim_jax.teachers.perceptual --checkpoint=PATH --out=FILE.npz "
-          "[--image_size=224] [--num_heads=12]", file=sys.stderr)
+    print(
+      "usage: python -m mim_jax.teachers.perceptual --checkpoint=PATH --out=FILE.npz "
+      "[--image_size=224] [--num_heads=12]",
+      file=sys.stderr,
+    )
     return 2
   try:
-    arch, params = load_checkpoint(args["checkpoint"],
-                                   image_size=int(args.get("image_size") or 0) or None,
-                                   num_heads=int(args.get("num_heads") or 0) or None)
+    arch, params = load_checkpoint(
+      args["checkpoint"],
+      image_size=int(args.get("image_size") or 0) or None,
+      num_heads=int(args.get("num_heads") or 0) or None,
+    )
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2

@@ -17,6 +17,7 @@ def install():
   if _LIB is not None:
     return
   import torch  # pylint: disable=g-import-not-at-top
+
   try:
     lib = torch.library.Library("torchvision", "DEF")
     for op in ("nms", "qnms"):

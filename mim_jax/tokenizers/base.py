@@ -13,6 +13,7 @@ runs it once over a data set and stores the ids (token cache).
   kind='peco'       path = a PeCo VQ-VAE training workdir (configs/peco_vqvae.py)
   kind='kclip'      path = a k-CLIP directory (python -m mim_jax.tokenizers.kclip)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,6 +36,7 @@ class View:
   """How a tokenizer's input is made from a source image: Resize(shorter side = resize)
   then CenterCrop(size). resize == size keeps the whole short side (the region MaPeT's
   RandomResizedCrop(scale=(1, 1), ratio=(1, 1)) student view covers)."""
+
   size: int
   resize: int
   interpolation: str = "bicubic"
@@ -53,9 +55,18 @@ class View:
 class Tokenizer:
   """A frozen tokenizer: `fn(params, images_uint8 (B, H, W, 3)) -> (B, N) int32`."""
 
-  def __init__(self, kind: str, fn: Callable[[Any, jax.Array], jax.Array], params: Any, *,
-               codebook_size: int, grid: tuple[int, int], view: View, provenance: dict,
-               decode_fn: Callable[[Any, jax.Array], jax.Array] | None = None):
+  def __init__(
+    self,
+    kind: str,
+    fn: Callable[[Any, jax.Array], jax.Array],
+    params: Any,
+    *,
+    codebook_size: int,
+    grid: tuple[int, int],
+    view: View,
+    provenance: dict,
+    decode_fn: Callable[[Any, jax.Array], jax.Array] | None = None,
+  ):
     self.kind = kind
     self.fn = fn
     self.params = params
@@ -63,7 +74,7 @@ class Tokenizer:
     self.grid = (int(grid[0]), int(grid[1]))
     self.view = view
     self.provenance = dict(provenance)
-    self.decode_fn = decode_fn   # ids -> [0, 1] images, when the tokenizer has a decoder
+    self.decode_fn = decode_fn  # ids -> [0, 1] images, when the tokenizer has a decoder
     self._jitted = jax.jit(fn)
 
   @property
@@ -75,35 +86,44 @@ class Tokenizer:
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"{self.kind} tokenizer: images must be (B, H, W, 3), got {images.shape}")
     if images.shape[1:3] != (self.view.size, self.view.size):
-      raise ValueError(f"{self.kind} tokenizer expects {self.view.size}px inputs "
-                       f"(view {self.view}), got {images.shape[1:3]}")
+      raise ValueError(
+        f"{self.kind} tokenizer expects {self.view.size}px inputs "
+        f"(view {self.view}), got {images.shape[1:3]}"
+      )
     return self._jitted(self.params, images)
 
   def fingerprint(self) -> dict:
     """What a token cache records so that a reader can refuse mismatched tokens."""
-    digest = hashlib.sha256(json.dumps(self.provenance, sort_keys=True, default=str)
-                            .encode()).hexdigest()[:16]
-    return {"kind": self.kind, "codebook_size": self.codebook_size, "grid": list(self.grid),
-            "view": self.view.to_dict(), "provenance_sha": digest}
+    digest = hashlib.sha256(
+      json.dumps(self.provenance, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+    return {
+      "kind": self.kind,
+      "codebook_size": self.codebook_size,
+      "grid": list(self.grid),
+      "view": self.view.to_dict(),
+      "provenance_sha": digest,
+    }
 
   def __repr__(self) -> str:
-    return (f"Tokenizer({self.kind}, K={self.codebook_size}, grid={self.grid}, "
-            f"view={self.view})")
+    return f"Tokenizer({self.kind}, K={self.codebook_size}, grid={self.grid}, view={self.view})"
 
 
 def _centroids(cfg, image_size: int | None) -> Tokenizer:
   from mim_jax.tokenizers import centroids as centroid_lib  # pylint: disable=g-import-not-at-top
+
   tok = centroid_lib.CentroidTokenizer.load(cfg.path)
   # Pixel centroids work at any size that the patch divides; default: the size they were fit at.
   image_size = int(image_size or tok.metadata.get("image_size", 224))
   if image_size % tok.patch_size:
-    raise ValueError(f"config.tokenizer.path: patch size {tok.patch_size} does not divide the "
-                     f"image size {image_size}")
+    raise ValueError(
+      f"config.tokenizer.path: patch size {tok.patch_size} does not divide the "
+      f"image size {image_size}"
+    )
   patch = tok.patch_size
 
   def fn(params, images):
-    return centroid_lib.image_tokens(params["centroids"], images.astype(jnp.float32) / 255.0,
-                                     patch)
+    return centroid_lib.image_tokens(params["centroids"], images.astype(jnp.float32) / 255.0, patch)
 
   def decode(params, ids):
     pixels = centroid_lib.token_pixels(params["centroids"], ids)
@@ -111,11 +131,16 @@ def _centroids(cfg, image_size: int | None) -> Tokenizer:
     return centroid_lib.unpatchify(pixels, patch, (g, g))
 
   g = image_size // patch
-  return Tokenizer("centroids", fn, {"centroids": jnp.asarray(tok.centroids, jnp.float32)},
-                   codebook_size=tok.centroids.shape[0], grid=(g, g),
-                   view=View(image_size, int(cfg.get("resize", 0) or image_size)),
-                   provenance={"path": os.path.abspath(cfg.path), **tok.metadata},
-                   decode_fn=decode)
+  return Tokenizer(
+    "centroids",
+    fn,
+    {"centroids": jnp.asarray(tok.centroids, jnp.float32)},
+    codebook_size=tok.centroids.shape[0],
+    grid=(g, g),
+    view=View(image_size, int(cfg.get("resize", 0) or image_size)),
+    provenance={"path": os.path.abspath(cfg.path), **tok.metadata},
+    decode_fn=decode,
+  )
 
 
 def load_tokenizer(cfg, image_size: int | None = None) -> Tokenizer:
@@ -124,17 +149,22 @@ def load_tokenizer(cfg, image_size: int | None = None) -> Tokenizer:
   if kind not in KINDS:
     raise ValueError(f"config.tokenizer.kind must be one of {KINDS}, got {kind!r}")
   if not cfg.get("path"):
-    raise ValueError(f"config.tokenizer.path is empty: point it at a {kind} tokenizer "
-                     f"(see mim_jax/tokenizers/base.py for what each kind expects)")
+    raise ValueError(
+      f"config.tokenizer.path is empty: point it at a {kind} tokenizer "
+      f"(see mim_jax/tokenizers/base.py for what each kind expects)"
+    )
   if not os.path.exists(cfg.path) and not os.path.exists(cfg.path + ".npy"):
     raise FileNotFoundError(f"config.tokenizer.path: {cfg.path} does not exist")
   if kind == "centroids":
     return _centroids(cfg, image_size)
   if kind == "kclip":
     from mim_jax.tokenizers import kclip  # pylint: disable=g-import-not-at-top
+
     return kclip.KClipTokenizer.load(cfg.path).as_tokenizer()
   if kind == "vqkd":
     from mim_jax.tokenizers import vqkd  # pylint: disable=g-import-not-at-top
+
     return vqkd.load_as_tokenizer(cfg.path)
   from mim_jax.tokenizers import peco  # pylint: disable=g-import-not-at-top
+
   return peco.load_as_tokenizer(cfg.path)

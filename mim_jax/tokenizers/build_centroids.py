@@ -1,8 +1,9 @@
-r"""Builds CCViT's centroid tokenizer: k-means on [0, 1] pixel patches (reference_details §4.1).
+r"""Builds CCViT's centroid tokenizer: k-means on [0, 1] pixel patches.
 
-The reference clusters 50 images per ImageNet class, Resize(256, bicubic) ->
-CenterCrop(224) -> [0, 1], 16x16 patches in (c, y, x) order, K = 8192, 20
-iterations, seed 1:
+The official code (`Cakeyan/CCViT_Public:train_faiss_kmeans.py`,
+docs/reference_details.md#ccvit-centroid-tokenizer) clusters 50 images per
+ImageNet class, Resize(256, bicubic) -> CenterCrop(224) -> [0, 1], 16x16
+patches in (c, y, x) order, K = 8192, 20 iterations, seed 1:
 
   python -m mim_jax.tokenizers.build_centroids --source=imagefolder \
       --path=/data/imagenet/train --images_per_class=50 --k=8192 --iters=20 \
@@ -15,6 +16,7 @@ demo that needs no data). Writes `<out>.npy` and `<out>.json`.
 The loading here is deliberately minimal (PIL + numpy) and independent of
 `mim_jax.data`.
 """
+
 import math
 import os
 import sys
@@ -22,8 +24,8 @@ import time
 from typing import Optional
 
 import jax
-import numpy as np
 from jax.sharding import Mesh
+import numpy as np
 from PIL import Image
 
 from mim_jax.data import transforms
@@ -46,8 +48,9 @@ def resize_center_crop(image, image_size: int) -> np.ndarray:
   """
   if isinstance(image, Image.Image):
     image = image.convert("RGB")
-  return transforms.resize_center_crop(image, image_size,
-                                       resize_size=int(math.floor(image_size / 0.875)))
+  return transforms.resize_center_crop(
+    image, image_size, resize_size=int(math.floor(image_size / 0.875))
+  )
 
 
 def _chosen(count: int, per_class: int, seed: int) -> np.ndarray:
@@ -89,6 +92,7 @@ def load_imagefolder(root: str, images_per_class: int, image_size: int, seed: in
 def load_embedded(images_per_class: int, image_size: int, seed: int):
   """Random square crops of scikit-learn's two sample photos (each photo a 'class')."""
   from sklearn.datasets import load_sample_images  # only this demo source needs it
+
   rng = np.random.default_rng(seed)
   out = []
   for photo in load_sample_images().images:
@@ -98,23 +102,34 @@ def load_embedded(images_per_class: int, image_size: int, seed: int):
       side = int(rng.integers(short // 4, short, endpoint=True))
       top = int(rng.integers(0, height - side, endpoint=True))
       left = int(rng.integers(0, width - side, endpoint=True))
-      crop = Image.fromarray(photo[top:top + side, left:left + side])
+      crop = Image.fromarray(photo[top : top + side, left : left + side])
       out.append(resize_center_crop(crop, image_size))
   return np.stack(out), "embedded: scikit-learn sample images (china.jpg, flower.jpg), random crops"
 
 
-def fit_codebook(images: np.ndarray, *, k: int, iters: int, patch_size: int, seed: int,
-                 images_per_class: int, description: str,
-                 chunk_size: int = kmeans.DEFAULT_CHUNK_SIZE, reseed_empty: bool = True,
-                 log=print) -> centroids_lib.CentroidTokenizer:
+def fit_codebook(
+  images: np.ndarray,
+  *,
+  k: int,
+  iters: int,
+  patch_size: int,
+  seed: int,
+  images_per_class: int,
+  description: str,
+  chunk_size: int = kmeans.DEFAULT_CHUNK_SIZE,
+  reseed_empty: bool = True,
+  log=print,
+) -> centroids_lib.CentroidTokenizer:
   """k-means over the (c, y, x) patches of uint8 NHWC centre crops, on all local devices."""
   image_size = int(images.shape[1])
   # uint8 patches keep host memory at a quarter of float32 (7.5 GB for the
   # reference's 9.8 M patches); Lloyd's algorithm commutes with scaling, so the
   # centroids are divided by 255 afterwards instead of the pixels before.
   patches = centroids_lib.patchify(images, patch_size).reshape(-1, 3 * patch_size * patch_size)
-  log(f"{len(images)} images -> {patches.shape[0]} patches of {patches.shape[1]} values "
-      f"({description})")
+  log(
+    f"{len(images)} images -> {patches.shape[0]} patches of {patches.shape[1]} values "
+    f"({description})"
+  )
   if k > patches.shape[0]:
     raise BuildError(f"k={k} exceeds the number of patches ({patches.shape[0]})")
 
@@ -122,27 +137,53 @@ def fit_codebook(images: np.ndarray, *, k: int, iters: int, patch_size: int, see
   log(f"k-means: k={k}, iters={iters}, {mesh.size} device(s) ({jax.local_devices()[0].platform})")
 
   def progress(iteration, inertia, seconds):
-    log(f"  iteration {iteration:3d}  inertia {inertia / 255.0 ** 2:.6g}  {seconds:.1f}s")
+    log(f"  iteration {iteration:3d}  inertia {inertia / 255.0**2:.6g}  {seconds:.1f}s")
 
-  result = kmeans.fit(patches, k, iters=iters, seed=seed, chunk_size=chunk_size, mesh=mesh,
-                      reseed_empty=reseed_empty, callback=progress)
+  result = kmeans.fit(
+    patches,
+    k,
+    iters=iters,
+    seed=seed,
+    chunk_size=chunk_size,
+    mesh=mesh,
+    reseed_empty=reseed_empty,
+    callback=progress,
+  )
   empty = int(np.sum(result.counts == 0))
   metadata = dict(
-      image_size=image_size, num_images=int(len(images)), num_patches=int(patches.shape[0]),
-      images_per_class=images_per_class, iterations=iters, seed=seed, dataset=description,
-      preprocessing=f"Resize({int(math.floor(image_size / 0.875))}, bicubic) -> "
-                    f"CenterCrop({image_size}) -> [0, 1]",
-      init="random distinct points (jax.random.key(seed))", reseed_empty=reseed_empty,
-      inertia_history=[float(v) / 255.0 ** 2 for v in result.inertia_history],
-      empty_clusters=empty)
-  return centroids_lib.CentroidTokenizer(np.asarray(result.centroids) / 255.0, patch_size,
-                                         metadata=metadata)
+    image_size=image_size,
+    num_images=int(len(images)),
+    num_patches=int(patches.shape[0]),
+    images_per_class=images_per_class,
+    iterations=iters,
+    seed=seed,
+    dataset=description,
+    preprocessing=f"Resize({int(math.floor(image_size / 0.875))}, bicubic) -> "
+    f"CenterCrop({image_size}) -> [0, 1]",
+    init="random distinct points (jax.random.key(seed))",
+    reseed_empty=reseed_empty,
+    inertia_history=[float(v) / 255.0**2 for v in result.inertia_history],
+    empty_clusters=empty,
+  )
+  return centroids_lib.CentroidTokenizer(
+    np.asarray(result.centroids) / 255.0, patch_size, metadata=metadata
+  )
 
 
-def build(source: str, out: str, path: Optional[str] = None, images_per_class: int = 50,
-          k: int = 8192, iters: int = 20, patch_size: int = 16, image_size: int = 224,
-          seed: int = 1, chunk_size: int = kmeans.DEFAULT_CHUNK_SIZE,
-          reseed_empty: bool = True, log=print) -> centroids_lib.CentroidTokenizer:
+def build(
+  source: str,
+  out: str,
+  path: Optional[str] = None,
+  images_per_class: int = 50,
+  k: int = 8192,
+  iters: int = 20,
+  patch_size: int = 16,
+  image_size: int = 224,
+  seed: int = 1,
+  chunk_size: int = kmeans.DEFAULT_CHUNK_SIZE,
+  reseed_empty: bool = True,
+  log=print,
+) -> centroids_lib.CentroidTokenizer:
   """Loads the images, clusters their patches over all local devices, saves `out`.
 
   `reseed_empty` (default on) moves empty clusters onto far points each
@@ -160,8 +201,9 @@ def build(source: str, out: str, path: Optional[str] = None, images_per_class: i
   if image_size % patch_size:
     raise BuildError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
   if images_per_class < 1 or k < 1 or iters < 0:
-    raise BuildError(f"need images_per_class >= 1, k >= 1, iters >= 0 "
-                     f"(got {images_per_class}, {k}, {iters})")
+    raise BuildError(
+      f"need images_per_class >= 1, k >= 1, iters >= 0 (got {images_per_class}, {k}, {iters})"
+    )
 
   start = time.perf_counter()
   if source == "npz":
@@ -171,13 +213,24 @@ def build(source: str, out: str, path: Optional[str] = None, images_per_class: i
   else:
     images, description = load_embedded(images_per_class, image_size, seed)
   log(f"{len(images)} images ({description}); {time.perf_counter() - start:.1f}s")
-  tokenizer = fit_codebook(images, k=k, iters=iters, patch_size=patch_size, seed=seed,
-                           images_per_class=images_per_class, description=description,
-                           chunk_size=chunk_size, reseed_empty=reseed_empty, log=log)
+  tokenizer = fit_codebook(
+    images,
+    k=k,
+    iters=iters,
+    patch_size=patch_size,
+    seed=seed,
+    images_per_class=images_per_class,
+    description=description,
+    chunk_size=chunk_size,
+    reseed_empty=reseed_empty,
+    log=log,
+  )
   npy_path, json_path = tokenizer.save(out)
-  log(f"wrote {npy_path} and {json_path} "
-      f"({tokenizer.metadata['empty_clusters']} empty clusters); "
-      f"{time.perf_counter() - start:.1f}s in all")
+  log(
+    f"wrote {npy_path} and {json_path} "
+    f"({tokenizer.metadata['empty_clusters']} empty clusters); "
+    f"{time.perf_counter() - start:.1f}s in all"
+  )
   return tokenizer
 
 
@@ -185,6 +238,7 @@ def _define_flags():
   # Defined only when run as a command, so importing this module never
   # registers generic names like --k or --seed in the global absl FLAGS.
   from absl import flags
+
   flags.DEFINE_enum("source", "npz", list(SOURCES), "Where the images come from.")
   flags.DEFINE_string("path", None, "npz file or ImageFolder root (unused for 'embedded').")
   flags.DEFINE_integer("images_per_class", 50, "Images drawn per class (per photo for 'embedded').")
@@ -203,14 +257,27 @@ def _define_flags():
 def main(argv):
   del argv
   from absl import flags
+
   f = flags.FLAGS
-  build(f.source, f.out, path=f.path, images_per_class=f.images_per_class, k=f.k, iters=f.iters,
-        patch_size=f.patch_size, image_size=f.image_size, seed=f.seed, chunk_size=f.chunk_size,
-        reseed_empty=f.reseed_empty, log=lambda message: print(message, flush=True))
+  build(
+    f.source,
+    f.out,
+    path=f.path,
+    images_per_class=f.images_per_class,
+    k=f.k,
+    iters=f.iters,
+    patch_size=f.patch_size,
+    image_size=f.image_size,
+    seed=f.seed,
+    chunk_size=f.chunk_size,
+    reseed_empty=f.reseed_empty,
+    log=lambda message: print(message, flush=True),
+  )
 
 
 if __name__ == "__main__":
   from absl import app
+
   _define_flags()
   try:
     app.run(main)

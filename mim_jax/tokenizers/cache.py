@@ -14,6 +14,7 @@ and process 0 joins them into tokens.npy once all exist (a shared file system is
 for checkpoints). Readers refuse a cache whose source length, tokenizer or view differs from
 what the training run asks for.
 """
+
 from __future__ import annotations
 
 import glob
@@ -59,26 +60,41 @@ def chunk_ranges(num_examples: int, chunk_size: int) -> list[tuple[int, int]]:
   return [(s, min(s + chunk_size, num_examples)) for s in range(0, num_examples, chunk_size)]
 
 
-def write(directory: str, *, num_examples: int, fingerprint: dict, source_info: dict,
-          tokenize_chunk: Callable[[int, int], np.ndarray], chunk_size: int = 10_000,
-          process_index: int = 0, process_count: int = 1, log: Callable[[str], None] = print,
-          wait_timeout_s: float = 24 * 3600) -> str:
+def write(
+  directory: str,
+  *,
+  num_examples: int,
+  fingerprint: dict,
+  source_info: dict,
+  tokenize_chunk: Callable[[int, int], np.ndarray],
+  chunk_size: int = 10_000,
+  process_index: int = 0,
+  process_count: int = 1,
+  log: Callable[[str], None] = print,
+  wait_timeout_s: float = 24 * 3600,
+) -> str:
   """Writes (or resumes) a cache. `tokenize_chunk(start, stop)` returns the (stop-start, N)
   ids of source examples [start, stop). Returns the path of tokens.npy (process 0), or the
   directory (other processes)."""
   os.makedirs(directory, exist_ok=True)
   meta_path = os.path.join(directory, META)
-  meta = {"tokenizer": fingerprint, "source": source_info, "num_examples": int(num_examples),
-          "num_tokens": int(fingerprint["grid"][0] * fingerprint["grid"][1]),
-          "dtype": token_dtype(fingerprint["codebook_size"]).name, "chunk_size": int(chunk_size),
-          "complete": False}
+  meta = {
+    "tokenizer": fingerprint,
+    "source": source_info,
+    "num_examples": int(num_examples),
+    "num_tokens": int(fingerprint["grid"][0] * fingerprint["grid"][1]),
+    "dtype": token_dtype(fingerprint["codebook_size"]).name,
+    "chunk_size": int(chunk_size),
+    "complete": False,
+  }
   if os.path.exists(meta_path):
     old = read_meta(directory)
     for key in ("tokenizer", "source", "num_examples", "chunk_size"):
       if old.get(key) != meta[key]:
         raise CacheMismatchError(
-            f"{directory} holds a cache with a different {key} ({old.get(key)} vs {meta[key]}): "
-            "choose another output directory or delete it")
+          f"{directory} holds a cache with a different {key} ({old.get(key)} vs {meta[key]}): "
+          "choose another output directory or delete it"
+        )
     if old.get("complete"):
       log(f"{directory}: cache already complete")
       return os.path.join(directory, TOKENS)
@@ -95,7 +111,9 @@ def write(directory: str, *, num_examples: int, fingerprint: dict, source_info: 
       continue
     ids = np.asarray(tokenize_chunk(start, stop))
     if ids.shape != (stop - start, meta["num_tokens"]):
-      raise ValueError(f"tokenizer returned {ids.shape}, expected {(stop - start, meta['num_tokens'])}")
+      raise ValueError(
+        f"tokenizer returned {ids.shape}, expected {(stop - start, meta['num_tokens'])}"
+      )
     _atomic_save(path, ids.astype(meta["dtype"]))
     done += stop - start
     rate = done / max(time.time() - t0, 1e-9)
@@ -110,8 +128,9 @@ def write(directory: str, *, num_examples: int, fingerprint: dict, source_info: 
     time.sleep(5)
   out = os.path.join(directory, TOKENS)
   tmp = out + ".tmp.npy"
-  joined = np.lib.format.open_memmap(tmp, mode="w+", dtype=meta["dtype"],
-                                     shape=(num_examples, meta["num_tokens"]))
+  joined = np.lib.format.open_memmap(
+    tmp, mode="w+", dtype=meta["dtype"], shape=(num_examples, meta["num_tokens"])
+  )
   for start, stop in ranges:
     joined[start:stop] = np.load(_chunk_name(directory, start, stop))
   joined.flush()
@@ -120,7 +139,7 @@ def write(directory: str, *, num_examples: int, fingerprint: dict, source_info: 
   meta = read_meta(directory)
   meta.update(complete=True, completed=time.strftime("%Y-%m-%d %H:%M:%S"))
   _atomic_json(meta_path, meta)
-  for start, stop in ranges:   # only after tokens.npy and the meta are safely in place
+  for start, stop in ranges:  # only after tokens.npy and the meta are safely in place
     os.remove(_chunk_name(directory, start, stop))
   for leftover in glob.glob(os.path.join(directory, "*.tmp.npy")):
     os.remove(leftover)
@@ -130,8 +149,10 @@ def write(directory: str, *, num_examples: int, fingerprint: dict, source_info: 
 def read_meta(directory: str) -> dict:
   path = os.path.join(directory, META)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{directory} is not a token cache (no {META}); write one with "
-                            "`python -m mim_jax.tokenize --config=...`")
+    raise FileNotFoundError(
+      f"{directory} is not a token cache (no {META}); write one with "
+      "`python -m mim_jax.tokenize --config=...`"
+    )
   with open(path) as f:
     return json.load(f)
 
@@ -143,8 +164,10 @@ class TokenCache:
     self.directory = directory
     self.meta = read_meta(directory)
     if not self.meta.get("complete"):
-      raise CacheMismatchError(f"{directory}: the cache is incomplete; re-run the same "
-                               "`python -m mim_jax.tokenize` command to finish it")
+      raise CacheMismatchError(
+        f"{directory}: the cache is incomplete; re-run the same "
+        "`python -m mim_jax.tokenize` command to finish it"
+      )
     self.tokens = np.load(os.path.join(directory, TOKENS), mmap_mode="r")
 
   def __getstate__(self):
@@ -175,8 +198,9 @@ class TokenCache:
   def check_source(self, source) -> None:
     if len(source) != len(self):
       raise CacheMismatchError(
-          f"token cache {self.directory} has {len(self)} examples but the data source "
-          f"{source!r} has {len(source)}: it was computed on another split or data set")
+        f"token cache {self.directory} has {len(self)} examples but the data source "
+        f"{source!r} has {len(source)}: it was computed on another split or data set"
+      )
 
   def check_train_view(self, data_cfg: Any) -> None:
     """The student view must cover the cached region: a centre square of the whole short
@@ -189,12 +213,15 @@ class TokenCache:
     if data_cfg.hflip:
       problems.append("config.data.hflip=True (needs False)")
     if self.view.resize != self.view.size:
-      problems.append(f"the cache's view crops {self.view.size} of a {self.view.resize} resize, "
-                      "not the whole short side")
+      problems.append(
+        f"the cache's view crops {self.view.size} of a {self.view.resize} resize, "
+        "not the whole short side"
+      )
     if problems:
       raise CacheMismatchError(
-          f"token cache {self.directory} was computed on a centre crop, so the training view "
-          "must be the same region: " + "; ".join(problems))
+        f"token cache {self.directory} was computed on a centre crop, so the training view "
+        "must be the same region: " + "; ".join(problems)
+      )
 
 
 class WithTokens:
@@ -211,6 +238,11 @@ class WithTokens:
     example = dict(self._source[index])
     example["tokens"] = self._cache[int(example.get("index", index))]
     return example
+
+  def describe(self, index: int) -> str:
+    """Where example `index` comes from (its file), for bad-data reports."""
+    describe = getattr(self._source, "describe", None)
+    return describe(index) if describe else f"index {index} of {self._source!r}"
 
   def __repr__(self) -> str:
     return f"WithTokens({self._source!r}, {self._cache.directory})"

@@ -1,13 +1,13 @@
 """Lloyd's k-means in JAX: chunked distances, segment-sum updates, data-parallel over a mesh.
 
 Built for CCViT's centroid tokenizer (9.8 M x 768 patch vectors, K = 8192,
-20 iterations, reference_details §4.1) and reused for the spherical k-means
-init of the BEiT v2 quantizer.
+20 iterations; `Cakeyan/CCViT_Public:train_faiss_kmeans.py`) and reused for the
+spherical k-means init of the BEiT v2 quantizer.
 
 * Distances are computed `chunk_size` points at a time inside a `lax.scan`, as
   ||x||^2 - 2 x.c + ||c||^2, so an N x K matrix never exists.
-* The update is one `segment_sum` over all points (a one-hot matmul was slower,
-  see the environment notes).
+* The update is one `segment_sum` over all points (a one-hot matmul measured
+  slower).
 * With a mesh, points are sharded over one mesh axis; each device computes
   partial sums / counts / inertia for its shard and these are psum-ed
   (`jax.shard_map`). Rows added to make the point count divisible by the number
@@ -21,6 +21,7 @@ init of the BEiT v2 quantizer.
   Real patches repeat (flat or saturated regions), so a random init can hold
   equal centroids, and all but one of them then start empty.
 """
+
 import functools
 import time
 from typing import Callable, NamedTuple, Optional
@@ -28,8 +29,10 @@ from typing import Callable, NamedTuple, Optional
 import jax
 from jax import lax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DEFAULT_CHUNK_SIZE = 4096
 # `reseed_empty` moves at most this many empty clusters per iteration (the rest
@@ -48,17 +51,20 @@ class KMeansResult(NamedTuple):
     scikit-learn's `inertia_`).
   counts: (K,) int64 cluster sizes for the returned centroids.
   """
+
   centroids: jax.Array
   inertia_history: np.ndarray
   counts: np.ndarray
 
 
-def _sq_distances_to_nearest(x: jax.Array, centroids: jax.Array, centroid_sq: jax.Array,
-                             bf16_matmul: bool) -> tuple[jax.Array, jax.Array]:
+def _sq_distances_to_nearest(
+  x: jax.Array, centroids: jax.Array, centroid_sq: jax.Array, bf16_matmul: bool
+) -> tuple[jax.Array, jax.Array]:
   """Nearest centroid ids (int32) and squared L2 distances for a block of rows."""
   if bf16_matmul:
-    dots = jnp.dot(x.astype(jnp.bfloat16), centroids.astype(jnp.bfloat16).T,
-                   preferred_element_type=jnp.float32)
+    dots = jnp.dot(
+      x.astype(jnp.bfloat16), centroids.astype(jnp.bfloat16).T, preferred_element_type=jnp.float32
+    )
   else:
     # HIGHEST keeps accelerators from silently running the f32 matmul in bf16/tf32.
     dots = jnp.dot(x, centroids.T, precision=lax.Precision.HIGHEST)
@@ -70,15 +76,17 @@ def _sq_distances_to_nearest(x: jax.Array, centroids: jax.Array, centroid_sq: ja
   return ids, sq_dist
 
 
-def _assign_rows(points: jax.Array, centroids: jax.Array, chunk_size: int,
-                 bf16_matmul: bool) -> tuple[jax.Array, jax.Array]:
+def _assign_rows(
+  points: jax.Array, centroids: jax.Array, chunk_size: int, bf16_matmul: bool
+) -> tuple[jax.Array, jax.Array]:
   """`_sq_distances_to_nearest` over (n, D) rows, `chunk_size` rows at a time."""
   n = points.shape[0]
   chunk = max(1, min(chunk_size, n))
   num_full, remainder = divmod(n, chunk)
   centroid_sq = jnp.sum(centroids * centroids, axis=1)
-  nearest = functools.partial(_sq_distances_to_nearest, centroids=centroids,
-                              centroid_sq=centroid_sq, bf16_matmul=bf16_matmul)
+  nearest = functools.partial(
+    _sq_distances_to_nearest, centroids=centroids, centroid_sq=centroid_sq, bf16_matmul=bf16_matmul
+  )
 
   def one_chunk(_, index):
     # dynamic_slice reads the chunk in place; reshaping the whole array into
@@ -91,7 +99,7 @@ def _assign_rows(points: jax.Array, centroids: jax.Array, chunk_size: int,
     ids_parts.append(ids.reshape(-1))
     dist_parts.append(dist.reshape(-1))
   if remainder:
-    ids, dist = nearest(points[num_full * chunk:])
+    ids, dist = nearest(points[num_full * chunk :])
     ids_parts.append(ids)
     dist_parts.append(dist)
   if len(ids_parts) == 1:
@@ -100,8 +108,13 @@ def _assign_rows(points: jax.Array, centroids: jax.Array, chunk_size: int,
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "return_distances", "bf16_matmul"))
-def assign(points: jax.Array, centroids: jax.Array, chunk_size: int = DEFAULT_CHUNK_SIZE,
-           return_distances: bool = False, bf16_matmul: bool = False):
+def assign(
+  points: jax.Array,
+  centroids: jax.Array,
+  chunk_size: int = DEFAULT_CHUNK_SIZE,
+  return_distances: bool = False,
+  bf16_matmul: bool = False,
+):
   """Nearest-centroid ids (squared L2) for points of shape (..., D).
 
   Args:
@@ -128,8 +141,9 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def _shard_step(points, centroids, num_valid, *, axis_name, chunk_size, spherical,
-                bf16_matmul, num_reseed):
+def _shard_step(
+  points, centroids, num_valid, *, axis_name, chunk_size, spherical, bf16_matmul, num_reseed
+):
   """One Lloyd iteration on this device's rows; reductions over `axis_name`.
 
   Returns the updated centroids plus the inertia and counts of the assignment
@@ -163,10 +177,12 @@ def _shard_step(points, centroids, num_valid, *, axis_name, chunk_size, spherica
       # (all_gather's result is not known to be replicated by shard_map).
       shard = lax.axis_index(axis_name)
       num_shards = lax.axis_size(axis_name)
-      far_dist = lax.psum(jnp.zeros((num_shards, num_reseed)).at[shard].set(far_dist),
-                          axis_name).reshape(-1)
-      far_points = lax.psum(jnp.zeros((num_shards,) + far_points.shape).at[shard].set(far_points),
-                            axis_name).reshape(-1, far_points.shape[-1])
+      far_dist = lax.psum(
+        jnp.zeros((num_shards, num_reseed)).at[shard].set(far_dist), axis_name
+      ).reshape(-1)
+      far_points = lax.psum(
+        jnp.zeros((num_shards,) + far_points.shape).at[shard].set(far_points), axis_name
+      ).reshape(-1, far_points.shape[-1])
       far_dist, order = lax.top_k(far_dist, num_reseed)
       far_points = far_points[order]
     # The r-th empty cluster takes the r-th farthest point (if it has one).
@@ -179,21 +195,34 @@ def _shard_step(points, centroids, num_valid, *, axis_name, chunk_size, spherica
 
 
 @functools.lru_cache(maxsize=32)
-def _build_step(mesh: Optional[Mesh], axis_name, chunk_size: int, spherical: bool,
-                bf16_matmul: bool, num_reseed: int):
+def _build_step(
+  mesh: Optional[Mesh],
+  axis_name,
+  chunk_size: int,
+  spherical: bool,
+  bf16_matmul: bool,
+  num_reseed: int,
+):
   """The jitted step for one configuration (cached so repeated fits reuse it)."""
-  step = functools.partial(_shard_step, axis_name=axis_name if mesh is not None else None,
-                           chunk_size=chunk_size, spherical=spherical,
-                           bf16_matmul=bf16_matmul, num_reseed=num_reseed)
+  step = functools.partial(
+    _shard_step,
+    axis_name=axis_name if mesh is not None else None,
+    chunk_size=chunk_size,
+    spherical=spherical,
+    bf16_matmul=bf16_matmul,
+    num_reseed=num_reseed,
+  )
   if mesh is None:
     return jax.jit(step)
-  step = jax.shard_map(step, mesh=mesh, in_specs=(P(axis_name), P(), P()),
-                       out_specs=(P(), P(), P()))
+  step = jax.shard_map(
+    step, mesh=mesh, in_specs=(P(axis_name), P(), P()), out_specs=(P(), P(), P())
+  )
   return jax.jit(step, out_shardings=NamedSharding(mesh, P()))
 
 
-def _place_points(points, mesh: Optional[Mesh], axis_name,
-                  spherical: bool) -> tuple[jax.Array, int]:
+def _place_points(
+  points, mesh: Optional[Mesh], axis_name, spherical: bool
+) -> tuple[jax.Array, int]:
   """Points as float32 on device (row-sharded over `axis_name` with a mesh).
 
   With a mesh the row count is padded up to a multiple of the axis size. A
@@ -208,14 +237,16 @@ def _place_points(points, mesh: Optional[Mesh], axis_name,
     padded_rows = -(-num_points // num_shards) * num_shards
     sharding = NamedSharding(mesh, P(axis_name))
     if isinstance(points, np.ndarray):
+
       def shard_rows(index):
         rows = index[0]
         start, stop = rows.start or 0, padded_rows if rows.stop is None else rows.stop
-        block = np.asarray(points[start:min(stop, num_points)], np.float32)
+        block = np.asarray(points[start : min(stop, num_points)], np.float32)
         missing = (stop - start) - block.shape[0]
         if missing:
           block = np.concatenate([block, np.zeros((missing, dim), np.float32)])
         return block
+
       placed = jax.make_array_from_callback((padded_rows, dim), sharding, shard_rows)
     else:
       placed = jnp.asarray(points, jnp.float32)
@@ -239,19 +270,21 @@ def random_init(points, k: int, seed: int = 0) -> jax.Array:
   return jnp.take(jnp.asarray(points, jnp.float32), jnp.asarray(rows), axis=0)
 
 
-def fit(points,
-        k: int,
-        *,
-        iters: int = 20,
-        seed: int = 0,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        mesh: Optional[Mesh] = None,
-        axis_name=None,
-        init=None,
-        spherical: bool = False,
-        reseed_empty: bool = False,
-        bf16_matmul: bool = False,
-        callback: Optional[Callable[[int, float, float], None]] = None) -> KMeansResult:
+def fit(
+  points,
+  k: int,
+  *,
+  iters: int = 20,
+  seed: int = 0,
+  chunk_size: int = DEFAULT_CHUNK_SIZE,
+  mesh: Optional[Mesh] = None,
+  axis_name=None,
+  init=None,
+  spherical: bool = False,
+  reseed_empty: bool = False,
+  bf16_matmul: bool = False,
+  callback: Optional[Callable[[int, float, float], None]] = None,
+) -> KMeansResult:
   """Lloyd's k-means.
 
   Args:
@@ -276,8 +309,9 @@ def fit(points,
     KMeansResult.
   """
   if getattr(points, "ndim", None) != 2:
-    raise ValueError(f"points must be a 2-D (N, D) array, "
-                     f"got shape {getattr(points, 'shape', None)}")
+    raise ValueError(
+      f"points must be a 2-D (N, D) array, got shape {getattr(points, 'shape', None)}"
+    )
   num_points, dim = points.shape
   if not 1 <= k <= num_points:
     raise ValueError(f"k={k} must lie in [1, number of points={num_points}]")
@@ -309,8 +343,9 @@ def fit(points,
   else:
     num_local = num_points
   num_reseed = min(k, num_local, MAX_RESEED_PER_ITERATION) if reseed_empty else 0
-  step = _build_step(mesh, axis_name, int(chunk_size), bool(spherical), bool(bf16_matmul),
-                     num_reseed)
+  step = _build_step(
+    mesh, axis_name, int(chunk_size), bool(spherical), bool(bf16_matmul), num_reseed
+  )
   num_valid = jnp.int32(num_valid)
 
   history = []
@@ -322,5 +357,8 @@ def fit(points,
       callback(iteration, history[-1], time.perf_counter() - start)
     if iteration < iters:
       centroids = updated
-  return KMeansResult(centroids=centroids, inertia_history=np.asarray(history, np.float64),
-                      counts=np.asarray(counts, np.int64))
+  return KMeansResult(
+    centroids=centroids,
+    inertia_history=np.asarray(history, np.float64),
+    counts=np.asarray(counts, np.int64),
+  )

@@ -1,8 +1,8 @@
 r"""PeCo's tokenizer: a convolutional VQ-VAE with an EMA codebook (PeCo paper, Appendix).
 
-The PeCo code is not public (reference_details §2): this follows the paper's description,
-and VQGAN (taming-transformers, Esser et al. 2021, which the paper cites for its GroupNorm)
-where the paper is silent:
+The PeCo code is not public (docs/reference_details.md#peco): this follows the paper's
+description, and VQGAN (taming-transformers, Esser et al. 2021, which the paper cites for its
+GroupNorm) where the paper is silent:
   * encoder: 64 channels at the first stage, "doubled in every downsample operation", two
     residual blocks per resolution, GroupNorm (32 groups, eps 1e-6, VQGAN), swish, and one
     self-attention block at the smallest resolution (VQGAN's mid block: res-attn-res);
@@ -23,6 +23,7 @@ where the paper is silent:
 (B, h*w) int32`, `decode(ids) -> [0, 1] images`; its `View` is Resize(shorter side) ->
 CenterCrop at the training image size.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,29 +36,55 @@ import jax.numpy as jnp
 
 from mim_jax import quantizers
 from mim_jax.models import vit
-from mim_jax.tokenizers.base import Tokenizer, View
+from mim_jax.tokenizers.base import Tokenizer
+from mim_jax.tokenizers.base import View
 
-GN_EPS = 1e-6   # taming `Normalize`: GroupNorm(32, eps=1e-6, affine=True)
+GN_EPS = 1e-6  # taming `Normalize`: GroupNorm(32, eps=1e-6, affine=True)
 
 # Defaults of config.vqvae (the paper's tokenizer).
-DEFAULTS = dict(ch=64, ch_mult=(1, 2, 4, 8, 16), num_res_blocks=2, z_channels=256,
-                embed_dim=256, num_groups=32, num_codes=8192, decay=0.99, beta=0.25,
-                eps=1e-5, codebook_init="uniform", restart_dead_codes=False,
-                dead_code_threshold=1e-3)
+DEFAULTS = dict(
+  ch=64,
+  ch_mult=(1, 2, 4, 8, 16),
+  num_res_blocks=2,
+  z_channels=256,
+  embed_dim=256,
+  num_groups=32,
+  num_codes=8192,
+  decay=0.99,
+  beta=0.25,
+  eps=1e-5,
+  codebook_init="uniform",
+  restart_dead_codes=False,
+  dead_code_threshold=1e-3,
+)
 CODEBOOK_INITS = ("uniform", "normal", "kmeans")
 
 
-def _conv(features: int, kernel: int, fan_in: int, *, stride: int = 1, padding: Any = "SAME",
-          name: str | None = None) -> nn.Conv:
+def _conv(
+  features: int,
+  kernel: int,
+  fan_in: int,
+  *,
+  stride: int = 1,
+  padding: Any = "SAME",
+  name: str | None = None,
+) -> nn.Conv:
   """A Conv with PyTorch's default init (taming leaves its convs at the default)."""
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                 kernel_init=vit.torch_default_init(),
-                 bias_init=vit.torch_default_bias_init(fan_in * kernel * kernel), name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=padding,
+    kernel_init=vit.torch_default_init(),
+    bias_init=vit.torch_default_bias_init(fan_in * kernel * kernel),
+    name=name,
+  )
 
 
 def _norm(num_groups: int, name: str) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=num_groups, epsilon=GN_EPS, dtype=jnp.float32,
-                      use_fast_variance=False, name=name)
+  return nn.GroupNorm(
+    num_groups=num_groups, epsilon=GN_EPS, dtype=jnp.float32, use_fast_variance=False, name=name
+  )
 
 
 def swish(x: jax.Array) -> jax.Array:
@@ -67,6 +94,7 @@ def swish(x: jax.Array) -> jax.Array:
 class ResnetBlock(nn.Module):
   """taming ResnetBlock without time embedding or dropout: GN-swish-conv3 twice, 1x1
   shortcut when the width changes."""
+
   out_ch: int
   num_groups: int = 32
 
@@ -74,8 +102,7 @@ class ResnetBlock(nn.Module):
   def __call__(self, x):
     in_ch = x.shape[-1]
     h = _conv(self.out_ch, 3, in_ch, name="conv1")(swish(_norm(self.num_groups, "norm1")(x)))
-    h = _conv(self.out_ch, 3, self.out_ch, name="conv2")(
-        swish(_norm(self.num_groups, "norm2")(h)))
+    h = _conv(self.out_ch, 3, self.out_ch, name="conv2")(swish(_norm(self.num_groups, "norm2")(h)))
     if in_ch != self.out_ch:
       x = _conv(self.out_ch, 1, in_ch, padding="VALID", name="nin_shortcut")(x)
     return x + h
@@ -84,14 +111,16 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
   """taming AttnBlock: single-head self-attention over the H*W positions (1x1 q/k/v/proj
   convs), softmax in fp32, residual."""
+
   num_groups: int = 32
 
   @nn.compact
   def __call__(self, x):
     b, hgt, wid, c = x.shape
     h = _norm(self.num_groups, "norm")(x)
-    q, k, v = (_conv(c, 1, c, padding="VALID", name=n)(h).reshape(b, hgt * wid, c)
-               for n in ("q", "k", "v"))
+    q, k, v = (
+      _conv(c, 1, c, padding="VALID", name=n)(h).reshape(b, hgt * wid, c) for n in ("q", "k", "v")
+    )
     logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) * c**-0.5
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     h = jnp.einsum("bqk,bkc->bqc", probs, v).reshape(b, hgt, wid, c)
@@ -142,6 +171,7 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
   """The encoder inverted: same widths per resolution, up-sampling instead of down."""
+
   ch: int = 64
   ch_mult: Sequence[int] = (1, 2, 4, 8, 16)
   num_res_blocks: int = 2
@@ -157,8 +187,9 @@ class Decoder(nn.Module):
     h = ResnetBlock(top, self.num_groups, name="mid_block_2")(h)
     for level in reversed(range(len(self.ch_mult))):
       for i in range(self.num_res_blocks):
-        h = ResnetBlock(self.ch * self.ch_mult[level], self.num_groups,
-                        name=f"up_{level}_block_{i}")(h)
+        h = ResnetBlock(
+          self.ch * self.ch_mult[level], self.num_groups, name=f"up_{level}_block_{i}"
+        )(h)
       if level != 0:
         h = Upsample(name=f"up_{level}_upsample")(h)
     h = swish(_norm(self.num_groups, "norm_out")(h))
@@ -171,6 +202,7 @@ class VQVAE(nn.Module):
   Params: encoder, quant_conv, post_quant_conv, decoder. The codebook lives in the
   'codebook' collection (scope 'quantizer'); apply with mutable=['codebook'] to train it.
   """
+
   ch: int = 64
   ch_mult: Sequence[int] = (1, 2, 4, 8, 16)
   num_res_blocks: int = 2
@@ -187,24 +219,37 @@ class VQVAE(nn.Module):
 
   def setup(self):
     if self.codebook_init not in CODEBOOK_INITS:
-      raise ValueError(f"vqvae.codebook_init must be one of {CODEBOOK_INITS}, "
-                       f"got {self.codebook_init!r}")
+      raise ValueError(
+        f"vqvae.codebook_init must be one of {CODEBOOK_INITS}, got {self.codebook_init!r}"
+      )
     for mult in self.ch_mult:
       if (self.ch * mult) % self.num_groups:
-        raise ValueError(f"vqvae: width ch * ch_mult = {self.ch * mult} is not divisible by "
-                         f"num_groups={self.num_groups}")
+        raise ValueError(
+          f"vqvae: width ch * ch_mult = {self.ch * mult} is not divisible by "
+          f"num_groups={self.num_groups}"
+        )
     if self.z_channels % self.num_groups:
-      raise ValueError(f"vqvae: z_channels={self.z_channels} is not divisible by "
-                       f"num_groups={self.num_groups}")
-    arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
-                num_groups=self.num_groups)
+      raise ValueError(
+        f"vqvae: z_channels={self.z_channels} is not divisible by num_groups={self.num_groups}"
+      )
+    arch = dict(
+      ch=self.ch,
+      ch_mult=tuple(self.ch_mult),
+      num_res_blocks=self.num_res_blocks,
+      num_groups=self.num_groups,
+    )
     self.encoder = Encoder(z_channels=self.z_channels, **arch)
     self.quant_conv = _conv(self.embed_dim, 1, self.z_channels, padding="VALID")
     self.quantizer = quantizers.EMAQuantizer(
-        num_codes=self.num_codes, dim=self.embed_dim, decay=self.decay, beta=self.beta,
-        eps=self.eps, kmeans_init=self.codebook_init == "kmeans",
-        restart_dead_codes=self.restart_dead_codes,
-        dead_code_threshold=self.dead_code_threshold)
+      num_codes=self.num_codes,
+      dim=self.embed_dim,
+      decay=self.decay,
+      beta=self.beta,
+      eps=self.eps,
+      kmeans_init=self.codebook_init == "kmeans",
+      restart_dead_codes=self.restart_dead_codes,
+      dead_code_threshold=self.dead_code_threshold,
+    )
     self.post_quant_conv = _conv(self.z_channels, 1, self.embed_dim, padding="VALID")
     self.decoder = Decoder(**arch)
 
@@ -281,6 +326,7 @@ class PatchDiscriminator(nn.Module):
   run in training mode); under jit over a sharded batch they are global (SyncBN-like).
   Input: images in [-1, 1]; output: (B, h', w') patch logits.
   """
+
   ndf: int = 64
   n_layers: int = 3
 
@@ -289,17 +335,25 @@ class PatchDiscriminator(nn.Module):
     conv_init = nn.initializers.normal(0.02)
 
     def conv(h, features, stride, bias, name):
-      return nn.Conv(features, (4, 4), strides=(stride, stride), padding=((1, 1), (1, 1)),
-                     use_bias=bias, kernel_init=conv_init,
-                     bias_init=vit.torch_default_bias_init(h.shape[-1] * 16), name=name)(h)
+      return nn.Conv(
+        features,
+        (4, 4),
+        strides=(stride, stride),
+        padding=((1, 1), (1, 1)),
+        use_bias=bias,
+        kernel_init=conv_init,
+        bias_init=vit.torch_default_bias_init(h.shape[-1] * 16),
+        name=name,
+      )(h)
 
     def bn(h, name):
-      scale = self.param(f"{name}_scale", lambda k, s: 1.0 + 0.02 * jax.random.normal(k, s),
-                         (h.shape[-1],))
+      scale = self.param(
+        f"{name}_scale", lambda k, s: 1.0 + 0.02 * jax.random.normal(k, s), (h.shape[-1],)
+      )
       bias = self.param(f"{name}_bias", nn.initializers.zeros, (h.shape[-1],))
       h32 = h.astype(jnp.promote_types(h.dtype, jnp.float32))
       mean = jnp.mean(h32, axis=(0, 1, 2))
-      var = jnp.mean(jnp.square(h32 - mean), axis=(0, 1, 2))   # biased, as torch BN
+      var = jnp.mean(jnp.square(h32 - mean), axis=(0, 1, 2))  # biased, as torch BN
       return ((h32 - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias).astype(h.dtype)
 
     lrelu = lambda h: jax.nn.leaky_relu(h, 0.2)
@@ -318,8 +372,11 @@ def param_count(cfg: Mapping[str, Any] | None = None, image_size: int = 224) -> 
   ch_mult 1-2-4-8-16) this is far above the 37.5M its Table 2 reports for the tokenizer,
   which the paper's description does not let us reproduce."""
   model = vqvae_from_config(dict(cfg or {}))
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                          jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
+  shapes = jax.eval_shape(
+    model.init,
+    jax.random.PRNGKey(0),
+    jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32),
+  )
   params = shapes["params"]
   count = lambda tree: int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
   enc = count(params["encoder"]) + count(params["quant_conv"])
@@ -336,40 +393,58 @@ class PeCoTokenizer:
   take `params = {'vqvae': ..., 'codebook': ...}` so they can run inside jit.
   """
 
-  def __init__(self, model: VQVAE, params: Any, codebook: Any, *, image_size: int,
-               provenance: dict | None = None):
+  def __init__(
+    self,
+    model: VQVAE,
+    params: Any,
+    codebook: Any,
+    *,
+    image_size: int,
+    provenance: dict | None = None,
+  ):
     self.model = model
-    self.params = {"vqvae": jax.tree.map(jnp.asarray, params),
-                   "codebook": jax.tree.map(jnp.asarray, codebook)}
+    self.params = {
+      "vqvae": jax.tree.map(jnp.asarray, params),
+      "codebook": jax.tree.map(jnp.asarray, codebook),
+    }
     self.image_size = int(image_size)
     self.provenance = dict(provenance or {})
     f = 2 ** (len(model.ch_mult) - 1)
     if self.image_size % f:
-      raise ValueError(f"PeCo tokenizer: image size {self.image_size} is not a multiple of "
-                       f"its {f}x down-sampling")
+      raise ValueError(
+        f"PeCo tokenizer: image size {self.image_size} is not a multiple of its {f}x down-sampling"
+      )
     self._tokenize = jax.jit(self.tokenize_fn())
     self._decode = jax.jit(self.decode_fn())
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> "PeCoTokenizer":
     """Restores params + the 'codebook' collection of a configs/peco_vqvae.py run."""
-    from mim_jax import features  # pylint: disable=g-import-not-at-top
+    from mim_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
     cfg_path = os.path.join(workdir, "config.json")
     if not os.path.exists(cfg_path):
       raise FileNotFoundError(f"{workdir} has no config.json: not a mim_jax training workdir")
-    config = features.saved_config(workdir)
+    config = checkpoint.saved_config(workdir)
     if config.get("method", {}).get("name") != "peco_vqvae":
-      raise ValueError(f"{workdir} was trained with method "
-                       f"{config.get('method', {}).get('name')!r}, not 'peco_vqvae'")
-    params, extra, step = features.load_trained_state(workdir, step)
+      raise ValueError(
+        f"{workdir} was trained with method "
+        f"{config.get('method', {}).get('name')!r}, not 'peco_vqvae'"
+      )
+    params, extra, step = checkpoint.read_trained_state(workdir, step)
     if "vqvae" not in params or "codebook" not in extra:
-      raise ValueError(f"{workdir}: checkpoint has no 'vqvae' params or 'codebook' collection "
-                       f"(params {sorted(params)}, collections {sorted(extra)})")
+      raise ValueError(
+        f"{workdir}: checkpoint has no 'vqvae' params or 'codebook' collection "
+        f"(params {sorted(params)}, collections {sorted(extra)})"
+      )
     model = vqvae_from_config(config["vqvae"])
-    return cls(model, params["vqvae"], extra["codebook"],
-               image_size=int(config["data"]["image_size"]),
-               provenance={"workdir": os.path.abspath(workdir), "step": int(step),
-                           "vqvae": config["vqvae"]})
+    return cls(
+      model,
+      params["vqvae"],
+      extra["codebook"],
+      image_size=int(config["data"]["image_size"]),
+      provenance={"workdir": os.path.abspath(workdir), "step": int(step), "vqvae": config["vqvae"]},
+    )
 
   @property
   def codebook_size(self) -> int:
@@ -387,9 +462,14 @@ class PeCoTokenizer:
     model = self.model
 
     def fn(params, images_uint8):
-      q = model.apply({"params": params["vqvae"], "codebook": params["codebook"]},
-                      to_model_range(images_uint8), train=False, method=VQVAE.encode)
+      q = model.apply(
+        {"params": params["vqvae"], "codebook": params["codebook"]},
+        to_model_range(images_uint8),
+        train=False,
+        method=VQVAE.encode,
+      )
       return q.ids.reshape(q.ids.shape[0], -1).astype(jnp.int32)
+
     return fn
 
   def decode_fn(self):
@@ -398,16 +478,20 @@ class PeCoTokenizer:
 
     def fn(params, ids):
       ids = jnp.asarray(ids, jnp.int32).reshape((-1,) + grid)
-      x = model.apply({"params": params["vqvae"], "codebook": params["codebook"]}, ids,
-                      method=VQVAE.decode_ids)
+      x = model.apply(
+        {"params": params["vqvae"], "codebook": params["codebook"]}, ids, method=VQVAE.decode_ids
+      )
       return jnp.clip(to_unit_range(x), 0.0, 1.0)
+
     return fn
 
   def tokenize(self, images_uint8) -> jax.Array:
     images = jnp.asarray(images_uint8)
     if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
-      raise ValueError(f"PeCo tokenizer expects (B, {self.image_size}, {self.image_size}, 3) "
-                       f"uint8 images, got {images.shape}")
+      raise ValueError(
+        f"PeCo tokenizer expects (B, {self.image_size}, {self.image_size}, 3) "
+        f"uint8 images, got {images.shape}"
+      )
     return self._tokenize(self.params, images)
 
   def decode(self, ids) -> jax.Array:
@@ -415,9 +499,16 @@ class PeCoTokenizer:
     return self._decode(self.params, ids)
 
   def as_tokenizer(self) -> Tokenizer:
-    return Tokenizer("peco", self.tokenize_fn(), self.params, codebook_size=self.codebook_size,
-                     grid=self.grid(), view=self.view, provenance=self.provenance,
-                     decode_fn=self.decode_fn())
+    return Tokenizer(
+      "peco",
+      self.tokenize_fn(),
+      self.params,
+      codebook_size=self.codebook_size,
+      grid=self.grid(),
+      view=self.view,
+      provenance=self.provenance,
+      decode_fn=self.decode_fn(),
+    )
 
 
 def load_as_tokenizer(path: str) -> Tokenizer:

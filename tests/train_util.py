@@ -1,0 +1,109 @@
+"""Helpers of the trainer tests: a seconds-long CPU run of configs/ccvit_vitb.py as the
+command users type, and readers of what it leaves in the workdir. Not a test module."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "ccvit_vitb.py")
+
+
+def smooth_images(n, size, seed):
+  """Real-looking (spatially smooth) random images: upsampled low-res noise."""
+  rng = np.random.default_rng(seed)
+  low = rng.integers(0, 256, size=(n, size // 4, size // 4, 3)).astype(np.float32)
+  img = np.repeat(np.repeat(low, 4, axis=1), 4, axis=2)
+  img += rng.normal(0, 12, size=img.shape)
+  return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def tiny_flags(npz, **over):
+  """Command-line overrides that make ccvit_vitb.py a seconds-long CPU run."""
+  f = {
+    "data.source": "npz",
+    "data.path": npz,
+    "data.image_size": 16,
+    "data.second_image_size": 16,
+    "data.worker_count": 0,
+    "model.variant": "T/4",
+    "model.width": 32,
+    "model.depth": 2,
+    "model.heads": 2,
+    "method.num_masked": 6,
+    "method.num_replaced": 2,
+    "method.min_block": 2,
+    "method.early_layers": 1,
+    "tokenizer.k": 16,
+    "tokenizer.build_if_missing": True,
+    "tokenizer.iters": 2,
+    "tokenizer.images_per_class": 8,
+    "batch_size": 8,
+    "total_steps": 12,
+    "log_every": 1,
+    "checkpoint_every": 4,
+    "optim.warmup_steps": 2,
+    "optim.lr": 1e-3,
+    "vis_every": 0,
+  }
+  f.update(over)
+  return [f"--config.{k}={v}" for k, v in f.items()]
+
+
+def train_env(devices=1):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+  return env
+
+
+def train_cmd(workdir, flags, config=CONFIG):
+  return [
+    sys.executable,
+    "-m",
+    "mim_jax.train",
+    f"--config={config}",
+    f"--workdir={workdir}",
+  ] + flags
+
+
+def run_train(workdir, flags, devices=1, timeout=300, config=CONFIG):
+  return subprocess.run(
+    train_cmd(workdir, flags, config),
+    env=train_env(devices),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+def logged_rows(workdir):
+  """step -> the last logged record of that step (a resumed run re-logs some steps)."""
+  rows = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      rows[r["step"]] = r
+  return rows
+
+
+def checkpoint_steps(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(d):
+    return []
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+def assert_one_line_error(result, *needles):
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1, result.stderr[-2000:]
+  for n in needles:
+    assert n in errors[0], errors[0]
+  assert "Traceback" not in result.stderr
+  assert "Compiling" not in result.stderr
