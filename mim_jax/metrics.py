@@ -6,12 +6,26 @@ import datetime
 import json
 import math
 import os
+import threading
 import time
 from typing import Mapping
 
 from absl import logging
-from clu import metric_writers
 import jax
+
+
+def preload_writers() -> threading.Thread:
+  """Imports clu's writers (and with them TensorFlow, ~5 s) on a thread, so that the import
+  overlaps the step's compilation instead of delaying start-up and every `--help`."""
+  thread = threading.Thread(target=_import_writers, daemon=True, name="preload-clu")
+  thread.start()
+  return thread
+
+
+def _import_writers():
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
+  return metric_writers
 
 
 class MetricLogger:
@@ -20,13 +34,20 @@ class MetricLogger:
   def __init__(self, workdir: str, total_steps: int):
     self.is_main = jax.process_index() == 0
     self.total_steps = total_steps
-    self.writer = metric_writers.create_default_writer(
-      workdir, just_logging=not self.is_main, asynchronous=False
-    )
+    self.workdir = workdir
+    self._writer = None  # created at the first row: its import overlaps compilation
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self._t0 = time.time()
     self._last_time = None
     self._last_step = None
+
+  @property
+  def writer(self):
+    if self._writer is None:
+      self._writer = _import_writers().create_default_writer(
+        self.workdir, just_logging=not self.is_main, asynchronous=False
+      )
+    return self._writer
 
   def mark(self, step: int):
     """Starts the throughput clock at `step` (after compilation/restore)."""
@@ -67,5 +88,6 @@ class MetricLogger:
     return row
 
   def close(self):
-    self.writer.flush()
-    self.writer.close()
+    if self._writer is not None:
+      self._writer.flush()
+      self._writer.close()

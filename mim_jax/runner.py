@@ -484,6 +484,7 @@ def run(job: Job) -> dict:
   """Trains until config.total_steps (or an agreed preemption); returns the last row (the
   final evaluation when the job has one, {'stopped_at': step} after a preemption)."""
   c, workdir = job.config, job.workdir
+  metrics_lib.preload_writers()
   lock = workdir_lock.WorkdirLock(workdir)
   lock.acquire()
   ckpt = ckpt_lib.Checkpointer(

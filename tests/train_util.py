@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 
@@ -53,9 +54,20 @@ def tiny_flags(npz, **over):
   return [f"--config.{k}={v}" for k, v in f.items()]
 
 
+# One compilation cache for the single-process trainer runs of a test session: most runs
+# compile the same tiny step, so only the first pays for it (a restart skipping compilation
+# is also what users get). Multi-process CPU runs do not use it (tests/multihost_util.py).
+JIT_CACHE = tempfile.mkdtemp(prefix="mim_jax_test_jit_")
+# Cheaper XLA:CPU compilation; runs compared with each other use the same flags.
+QUICK_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
 def train_env(devices=1):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {QUICK_COMPILE}"
+  env["JAX_COMPILATION_CACHE_DIR"] = JIT_CACHE
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   env["TF_CPP_MIN_LOG_LEVEL"] = "3"
   return env
