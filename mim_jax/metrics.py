@@ -29,10 +29,12 @@ def _import_writers():
 
 
 class MetricLogger:
-  """Writes one JSON object per logging step and TensorBoard scalars (process 0 only)."""
+  """Writes one JSON object per logging step and, unless `tensorboard` is False,
+  TensorBoard scalars (process 0 only)."""
 
-  def __init__(self, workdir: str, total_steps: int):
+  def __init__(self, workdir: str, total_steps: int, tensorboard: bool = True):
     self.is_main = jax.process_index() == 0
+    self.tensorboard = tensorboard
     self.total_steps = total_steps
     self.workdir = workdir
     self._writer = None  # created at the first row: its import overlaps compilation
@@ -74,7 +76,8 @@ class MetricLogger:
     if self.is_main:
       with open(self.jsonl_path, "a") as f:
         f.write(json.dumps(row) + "\n")
-      self.writer.write_scalars(step, {k: v for k, v in row.items() if k != "step"})
+      if self.tensorboard:
+        self.writer.write_scalars(step, {k: v for k, v in row.items() if k != "step"})
       eta_s = "?" if math.isnan(eta) else str(datetime.timedelta(seconds=int(eta)))
       shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("step", "step_time_s"))
       logging.info(

@@ -411,7 +411,10 @@ def _guarded_step(job: Job):
     ok = _all_finite(new) & _all_finite(
       {k: v for k, v in metrics.items() if k in ("loss", "grad_norm")}
     )
-    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, inner)
+    # One conditional, not a select per leaf: XLA fuses the chain of per-leaf finiteness
+    # flags into every leaf's select (leaves x leaves scalar ops), 7x the optimised HLO and
+    # 2.7 s -> 18 s to compile a 2-layer ViT step on CPU.
+    new = jax.lax.cond(ok, lambda: new, lambda: inner)
     new["step"] = inner["step"] + 1
     new["guard"] = {
       "nonfinite_steps": guard["nonfinite_steps"] + (~ok).astype(jnp.int32),
@@ -484,7 +487,8 @@ def run(job: Job) -> dict:
   """Trains until config.total_steps (or an agreed preemption); returns the last row (the
   final evaluation when the job has one, {'stopped_at': step} after a preemption)."""
   c, workdir = job.config, job.workdir
-  metrics_lib.preload_writers()
+  if c.tensorboard:
+    metrics_lib.preload_writers()
   lock = workdir_lock.WorkdirLock(workdir)
   lock.acquire()
   ckpt = ckpt_lib.Checkpointer(
@@ -502,7 +506,7 @@ def run(job: Job) -> dict:
     step = int(jax.device_get(state["step"]))
     _move_loader(job.loader, data_state, step)
     it = iter(job.loader)
-    writer = metrics_lib.MetricLogger(workdir, c.total_steps)
+    writer = metrics_lib.MetricLogger(workdir, c.total_steps, c.tensorboard)
     with PREEMPTION.watching():
       return _loop(job, state, step, it, step_fn, ckpt, writer)
   finally:

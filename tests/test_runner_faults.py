@@ -34,10 +34,8 @@ def _error_line(result) -> str:
 
 
 # ------------------------------------------------------------------ non-finite steps
-def test_non_finite_update_is_never_kept_and_the_run_resumes(tmp_path, tiny_npz):
-  workdir = str(tmp_path / "w")
-  ok = run_train(workdir, tiny_flags(tiny_npz, total_steps=4, checkpoint_every=2))
-  assert ok.returncode == 0, ok.stderr[-2000:]
+def test_non_finite_update_is_never_kept_and_the_run_resumes(trained_workdir, tiny_npz):
+  workdir = trained_workdir  # checkpoints 2 and 4
   bad = run_train(
     workdir,
     tiny_flags(
@@ -196,15 +194,14 @@ def test_broken_config_file_is_one_line(tmp_path, body, needles):
   assert time.time() - started < 60
 
 
-def test_resume_with_a_changed_data_order_names_the_field(tmp_path, tiny_npz):
-  workdir = str(tmp_path / "w")
-  ok = run_train(workdir, tiny_flags(tiny_npz, total_steps=2, checkpoint_every=2))
-  assert ok.returncode == 0, ok.stderr[-2000:]
-  result = run_train(workdir, tiny_flags(tiny_npz, total_steps=4, seed=7), timeout=120)
+def test_resume_with_a_changed_data_order_names_the_field(trained_workdir, tiny_npz):
+  workdir = trained_workdir  # checkpoints 2 and 4
+  result = run_train(workdir, tiny_flags(tiny_npz, total_steps=6, seed=7), timeout=120)
   assert_one_line_error(result, "seed")
-  # worker_count no longer decides the order: resuming with another count is exact.
-  more = run_train(workdir, tiny_flags(tiny_npz, total_steps=4, **{"data.worker_count": 2}))
+  # worker_count no longer decides the order: resuming with another count continues.
+  more = run_train(workdir, tiny_flags(tiny_npz, total_steps=6, **{"data.worker_count": 2}))
   assert more.returncode == 0, more.stderr[-2000:]
+  assert checkpoint_steps(workdir)[-1] == 6
 
 
 def _limit_file_size(max_bytes):
@@ -215,14 +212,12 @@ def _limit_file_size(max_bytes):
   return set_limit
 
 
-def test_full_disk_is_one_line_and_the_previous_checkpoint_survives(tmp_path, tiny_npz):
-  workdir = str(tmp_path / "w")
-  ok = run_train(workdir, tiny_flags(tiny_npz, total_steps=2, checkpoint_every=2))
-  assert ok.returncode == 0, ok.stderr[-2000:]
+def test_full_disk_is_one_line_and_the_previous_checkpoint_survives(trained_workdir, tiny_npz):
+  workdir = trained_workdir  # checkpoints 2 and 4
   # A real write failure from the OS (EFBIG) stands in for a full disk: no file may grow
   # past 4 KiB, so the next checkpoint's arrays cannot be written.
   result = subprocess.run(
-    train_cmd(workdir, tiny_flags(tiny_npz, total_steps=4, checkpoint_every=2)),
+    train_cmd(workdir, tiny_flags(tiny_npz, total_steps=6, checkpoint_every=2)),
     env=train_env(),
     cwd=ROOT,
     capture_output=True,
@@ -233,34 +228,37 @@ def test_full_disk_is_one_line_and_the_previous_checkpoint_survives(tmp_path, ti
   assert result.returncode == 4, result.stderr[-3000:]
   line = _error_line(result)
   assert workdir in line, line
-  assert checkpoint_steps(workdir) == [2]
+  assert checkpoint_steps(workdir) == [2, 4]
   from mim_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 
   _, _, step = ckpt_lib.read_trained_state(workdir)
-  assert step == 2
+  assert step == 4
 
 
 def test_second_trainer_on_a_workdir_in_use_stops_with_one_line(tmp_path, tiny_npz):
   workdir = str(tmp_path / "w")
-  first = subprocess.Popen(
-    train_cmd(workdir, tiny_flags(tiny_npz, total_steps=10_000, checkpoint_every=10_000)),
-    env=train_env(),
-    cwd=ROOT,
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
+  # The first run's log goes to a file: a pipe nobody reads while it runs would fill up and
+  # stall it.
+  log_path = tmp_path / "first.log"
+  with open(log_path, "w") as log:
+    first = subprocess.Popen(
+      train_cmd(workdir, tiny_flags(tiny_npz, total_steps=10_000, checkpoint_every=10_000)),
+      env=train_env(),
+      cwd=ROOT,
+      stdout=subprocess.DEVNULL,
+      stderr=log,
+    )
   try:
     deadline = time.time() + 240
     while time.time() < deadline and not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-      assert first.poll() is None, first.stderr.read()[-2000:]
+      assert first.poll() is None, log_path.read_text()[-2000:]
       time.sleep(0.2)
     second = run_train(workdir, tiny_flags(tiny_npz, total_steps=10_000), timeout=120)
     assert_one_line_error(second, "in use", str(first.pid))
   finally:
     first.send_signal(signal.SIGTERM)
-    first.communicate(timeout=120)
-  assert first.returncode == 0
+    first.wait(timeout=120)
+  assert first.returncode == 0, log_path.read_text()[-2000:]
 
 
 def test_changed_tokenizer_is_refused_on_resume(tmp_path, tiny_npz):
@@ -305,10 +303,10 @@ def _largest_file(directory: str) -> str:
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_npz, damage):
-  workdir = str(tmp_path / "w")
-  first = run_train(workdir, tiny_flags(tiny_npz, total_steps=4, checkpoint_every=2))
-  assert first.returncode == 0, first.stderr[-2000:]
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(
+  trained_workdir, tiny_npz, damage
+):
+  workdir = trained_workdir  # checkpoints 2 and 4
   before = logged_rows(workdir)
   victim = _largest_file(os.path.join(workdir, "checkpoints", "4", "state"))
   data = bytearray(open(victim, "rb").read())

@@ -49,6 +49,8 @@ def tiny_flags(npz, **over):
     "optim.warmup_steps": 2,
     "optim.lr": 1e-3,
     "vis_every": 0,
+    # metrics.jsonl only: no TensorFlow import per run (test_train checks the events files)
+    "tensorboard": False,
   }
   f.update(over)
   return [f"--config.{k}={v}" for k, v in f.items()]
