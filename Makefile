@@ -30,7 +30,7 @@ demo: $(VENV)/.installed
 	@echo "demo: metrics in $(WORKDIR)/metrics.jsonl, picture in $(WORKDIR)/visualization.png"
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n auto --maxprocesses=4 --dist loadgroup tests
 
 # Checks only; `$(VENV)/bin/ruff format .` and `$(VENV)/bin/ruff check --fix .` apply fixes.
 lint: $(VENV)/.installed-test

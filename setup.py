@@ -30,6 +30,7 @@ EXTRAS = {
   # machine's local wheel cache; never let a CUDA build be pulled.
   "test": [
     "pytest",
+    "pytest-xdist==3.8.0",  # `make test` runs the suite on up to 4 worker processes
     "ruff==0.17.6",  # `make lint`; its settings are in ruff.toml
     "torch==2.13.0",
     "torchvision==0.28.0",

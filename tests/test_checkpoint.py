@@ -337,6 +337,7 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent("""
     """)
 
 
+@pytest.mark.xdist_group("multiprocess")  # one worker runs the multi-process tests in turn
 def test_two_processes_agree_on_damage_only_one_of_them_sees(tmp_path):
   """Process 1 alone fails to read its part of step 20; both fall back to step 10 and the
   step is moved aside once, under one name."""

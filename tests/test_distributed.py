@@ -19,6 +19,9 @@ from train_util import tiny_flags
 
 from mim_jax import distributed
 
+# One xdist worker runs every multi-process test in turn (loopback ports, CPU for peers).
+pytestmark = pytest.mark.xdist_group("multiprocess")
+
 SBATCH = os.path.join(mh.ROOT, "launch", "slurm_gpu.sbatch")
 TPU_POD = os.path.join(mh.ROOT, "launch", "tpu_pod.sh")
 

@@ -16,7 +16,8 @@ import multihost_util as mh
 import pytest
 from train_util import tiny_flags
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs every multi-process test in turn (loopback ports, CPU for peers).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess")]
 
 TOTAL = 12  # tiny_flags: 12 steps, log_every=1, checkpoint_every=4, batch 8
 RUN_TIMEOUT = 420  # seconds per job; compilation dominates on a loaded 2-core machine
@@ -32,14 +33,16 @@ def _run(workdir, flags, processes, log_dir, name):
   return mh.metrics(str(workdir))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def npz(tiny_npz):  # noqa: F811
   return tiny_npz
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory, npz):
-  """processes -> (workdir, metrics) of an uninterrupted run of TOTAL steps."""
+  """processes -> (workdir, metrics) of an uninterrupted run of TOTAL steps (session scope:
+  pytest-xdist interleaves the modules of the multi-process group on one worker, which
+  would tear a module-scoped fixture down and run it again)."""
   out = {}
   for processes in (1, 2):
     base = tmp_path_factory.mktemp(f"ref{processes}p")
