@@ -88,6 +88,9 @@ def add_runner_fields(c: mlc.ConfigDict) -> None:
   # TensorBoard event files beside metrics.jsonl (through clu, which imports TensorFlow:
   # ~3.5 s of CPU at start-up); False keeps metrics.jsonl and the console only.
   c.tensorboard = True
+  # A jax.profiler trace of steps start_step .. start_step+num_steps-1 in DIR/profile
+  # (0: none); mim_jax/profiler.py.
+  c.profile = mlc.ConfigDict(dict(start_step=0, num_steps=3))
 
 
 def base_config() -> mlc.ConfigDict:

@@ -13,6 +13,8 @@ from typing import Mapping
 from absl import logging
 import jax
 
+from mim_jax import perf
+
 
 def preload_writers() -> threading.Thread:
   """Imports clu's writers (and with them TensorFlow, ~5 s) on a thread, so that the import
@@ -42,6 +44,25 @@ class MetricLogger:
     self._t0 = time.time()
     self._last_time = None
     self._last_step = None
+    self._flops = None  # XLA's FLOPs of one step per device (perf.cost)
+    self._compile_s = None  # reported once, on the first row after compilation
+    self._chips = jax.device_count()
+
+  def set_compiled(self, seconds: float, cost: dict, scan_layers: bool = False):
+    """Compilation time (kept out of throughput and ETA) and the step's FLOP count."""
+    self._compile_s = seconds
+    self._flops = cost.get("flops")
+    if scan_layers:  # XLA counts the scanned layer loop once: the count would mislead
+      self._flops = None
+    logging.info(
+      "compiled the step in %.1f s%s",
+      seconds,
+      f", {self._flops / 1e9:.4g} GFLOP per device per step (XLA)"
+      if self._flops
+      else " (no FLOP count: model.scan_layers)"
+      if scan_layers and cost.get("flops")
+      else "",
+    )
 
   @property
   def writer(self):
@@ -68,11 +89,15 @@ class MetricLogger:
       dt = now - self._last_time
       steps = step - self._last_step
       row["img_per_s"] = images_per_step * steps / max(dt, 1e-9)
+      row["img_per_s_per_chip"] = row["img_per_s"] / self._chips
       row["step_time_s"] = dt / steps
+      row.update(perf.efficiency(self._flops, dt / steps))
       eta = (self.total_steps - step) * dt / steps
     else:
       eta = math.nan
     self._last_time, self._last_step = now, step
+    if self._compile_s is not None:
+      row["compile_s"], self._compile_s = self._compile_s, None
     if self.is_main:
       with open(self.jsonl_path, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -44,7 +44,9 @@ import optax
 from mim_jax import checkpoint as ckpt_lib
 from mim_jax import distributed
 from mim_jax import metrics as metrics_lib
+from mim_jax import perf
 from mim_jax import preemption
+from mim_jax import profiler
 from mim_jax import sharding
 from mim_jax import workdir_lock
 
@@ -191,6 +193,10 @@ def run_cli(argv, fn: Callable[[Any, str], Any]):
   )
   try:
     check_workdir(WORKDIR.value)
+    try:
+      profiler.check(config)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
     return fn(config, WORKDIR.value)
   except tuple(c for c, _ in codes) as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
@@ -433,11 +439,21 @@ def _guarded_step(job: Job):
     donate_argnums=(0,),
   )
 
-  def run_step(state, frozen, batch):
+  def compile_step(state, frozen, batch):
+    """Compiles ahead of the first step, so that compilation is timed apart from training
+    and XLA's cost analysis of the compiled step is at hand; returns (step, seconds, cost)."""
+    t0 = time.time()
     with jax.set_mesh(job.mesh), nn.logical_axis_rules(job.rules):
-      return jitted(state, frozen, batch)
+      compiled = jitted.lower(state, frozen, batch).compile()
+    seconds = time.time() - t0
 
-  return run_step, state_sh
+    def run_step(state, frozen, batch):
+      with jax.set_mesh(job.mesh), nn.logical_axis_rules(job.rules):
+        return compiled(state, frozen, batch)
+
+    return run_step, seconds, perf.cost(compiled)
+
+  return compile_step, state_sh
 
 
 def _abstract_with_guard(job: Job, state_sh):
@@ -496,7 +512,7 @@ def run(job: Job) -> dict:
   )
   writer = None
   try:
-    step_fn, state_sh = _guarded_step(job)
+    compile_step, state_sh = _guarded_step(job)
     restored_step, state, data_state = ckpt.restore_latest(_abstract_with_guard(job, state_sh))
     check_frozen(workdir, job.frozen_fingerprint, resuming=restored_step is not None)
     if state is None:
@@ -508,7 +524,7 @@ def run(job: Job) -> dict:
     it = iter(job.loader)
     writer = metrics_lib.MetricLogger(workdir, c.total_steps, c.tensorboard)
     with PREEMPTION.watching():
-      return _loop(job, state, step, it, step_fn, ckpt, writer)
+      return _loop(job, state, step, it, compile_step, ckpt, writer)
   finally:
     try:
       ckpt.close()
@@ -518,15 +534,29 @@ def run(job: Job) -> dict:
       lock.release()
 
 
-def _loop(job, state, step, it, step_fn, ckpt, writer) -> dict:
+def _loop(job, state, step, it, compile_step, ckpt, writer) -> dict:
+  prof = profiler.StepProfiler(job.config, job.workdir)
+  try:
+    return _steps(job, state, step, it, compile_step, ckpt, writer, prof)
+  finally:
+    prof.stop()
+
+
+def _steps(job, state, step, it, compile_step, ckpt, writer, prof) -> dict:
   c = job.config
-  last_row, batch, bad_paths = {}, None, []
-  writer.mark(step)
+  last_row, batch, bad_paths, step_fn = {}, None, [], None
   while step < c.total_steps:
     batch = _next_batch(job, it, step, bad_paths)
-    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+    if step_fn is None:  # compiled once, timed apart: throughput and ETA exclude it
+      step_fn, seconds, cost = compile_step(state, job.frozen, batch)
+      scan = bool(c.get("model") and c.model.get("scan_layers", False))
+      writer.set_compiled(seconds, cost, scan_layers=scan)
+      writer.mark(step)
+    prof.before(step + 1)
+    with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
       state, metrics = step_fn(state, job.frozen, batch)
     step += 1
+    prof.after(step, metrics)
     is_last = step == c.total_steps
     stopping = PREEMPTION.reached(step)
     save_now = step % c.checkpoint_every == 0 or is_last or stopping

@@ -114,6 +114,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_npz):
     ("--config.data.path=/nonexistent/imagenette.npz", ("/nonexistent/imagenette.npz",)),
     ("--config.method.name=nope", ("config.method.name",)),
     ("--config.knn_monitor.every=4 --config.knn_monitor.pool=max", ("config.knn_monitor.pool",)),
+    ("--config.profile.start_step=2 --config.profile.num_steps=0", ("config.profile.num_steps",)),
   ],
 )
 def test_bad_config_fails_fast_with_one_line(tmp_path, tiny_npz, flag, needles):
@@ -137,6 +138,46 @@ def test_checkpoint_from_incompatible_config_is_refused(trained_workdir, tiny_np
   )
   assert_one_line_error(result, "model.width")
   assert checkpoint_steps(workdir) == before  # nothing the user had is lost
+
+
+def test_profile_traces_the_requested_steps_and_rows_report_efficiency(tmp_path, tiny_npz):
+  workdir = str(tmp_path / "w")
+  flags = tiny_flags(
+    tiny_npz,
+    total_steps=5,
+    checkpoint_every=5,
+    **{"profile.start_step": 3, "profile.num_steps": 2},
+  )
+  result = run_train(workdir, flags)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "profile of steps 3-4 written to" in result.stderr
+  traces = [
+    os.path.join(d, n)
+    for d, _, names in os.walk(os.path.join(workdir, "profile"))
+    for n in names
+    if n.endswith(".xplane.pb")
+  ]
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0, traces
+  # The trace holds the annotated training steps 3 and 4, not step 1 or 5.
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+
+  (trace_json,) = glob.glob(os.path.join(os.path.dirname(traces[0]), "*.trace.json.gz"))
+  with gzip.open(trace_json, "rt") as f:
+    events = json.load(f)["traceEvents"]
+  steps = {e.get("args", {}).get("step_num") for e in events if e.get("name") == "train"} - {None}
+  assert steps == {"3", "4"}, steps
+  # Compilation is reported once, apart; throughput and FLOP rate come from the steps only.
+  rows = logged_rows(workdir)
+  assert rows[1]["compile_s"] > 0 and all("compile_s" not in rows[s] for s in range(2, 6))
+  assert "compiled the step in" in result.stderr
+  for s in range(1, 6):
+    assert rows[s]["img_per_s_per_chip"] == pytest.approx(rows[s]["img_per_s"])  # 1 device
+    assert rows[s]["tflops_per_device"] > 0
+    assert "mfu" not in rows[s]  # a CPU has no peak in the table
+  # Step 1's time excludes compilation: its throughput is of the order of the later steps'.
+  assert rows[1]["img_per_s"] > 0.05 * rows[5]["img_per_s"]
 
 
 # ------------------------------------------------------------------ sharding
