@@ -2,7 +2,7 @@ r"""The `make demo` job: CCViT on a small ViT over photos embedded in installed 
 
   python -m mim_jax.train --config=configs/ccvit_demo.py --workdir=runs/demo
 
-Needs no data at all (scikit-learn / matplotlib ship the photos). ~5-10 minutes on 2 CPU
+Needs no data at all (scikit-learn / matplotlib ship the photos). ~3 minutes on 2 CPU
 cores: builds a 256-centroid codebook, trains a 4-layer width-128 ViT (patch 8, 64 px)
 for 300 steps, writes runs/demo/metrics.jsonl, TensorBoard events, checkpoints and
 runs/demo/visualization.png (rows: input, masked (grey) + replaced (centroids) input,
