@@ -7,6 +7,9 @@ bf16 peak). Two caveats, both reported rather than hidden:
   too low (about depth-fold for the encoder); neither TFLOP/s nor MFU is logged then;
 * where the peak of a device kind is not in PEAK_BF16_TFLOPS (CPUs, unknown chips) only
   TFLOP/s is logged.
+With `model.remat` the count includes the recomputed forward passes, so the number is then a
+hardware-FLOPs utilisation, higher than the model-FLOPs one; frozen teachers' and
+tokenizers' forward passes inside the step are counted too.
 """
 
 from __future__ import annotations
