@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import train_util
 
 from mim_jax import checkpoint as ckpt_lib
 from mim_jax import config_lib
@@ -163,15 +164,17 @@ def test_objective_trains_with_tokenizer(tokenizers, objective, kind):
   trainer = train.Trainer(c, mesh, method)
   sample = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in local.items()}
   _, state_sh = trainer.abstract_state(sample)
-  state = trainer.init_state(sample, state_sh)
-  before = jax.device_get(state["params"])
   frozen, frozen_sh = trainer.frozen()
-  step = trainer.make_step(state_sh, frozen_sh)
-  batch = sharding.global_batch(local, mesh)
+  # The runner's own guarded step (what `python -m mim_jax.train` runs) around the method's.
+  compile_step, state = train_util.guarded_step(trainer, sample, state_sh, frozen_sh)
+  before = jax.device_get(state["params"])
+  batch = sharding.global_batch(dict(local, _bad=np.zeros((4,), np.int32)), mesh)
+  step, _, _ = compile_step(state, frozen, batch)
   losses = []
   for _ in range(2):
     state, metrics = step(state, frozen, batch)
     losses.append(float(metrics["loss"]))
+  assert int(state["guard"]["nonfinite_steps"]) == 0 and int(state["step"]) == 2
   assert all(np.isfinite(losses)) and 0 < losses[0] < 2 * np.log(CODES) + 1
   after = jax.device_get(state["params"])
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), before, after))

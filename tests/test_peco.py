@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import train_util
 
 from mim_jax import checkpoint as ckpt_lib
 from mim_jax import config_lib
@@ -379,11 +380,14 @@ def test_one_trainer_step_updates_the_codebook_collection_not_params(tmp_path):
   assert set(batch_np) == {"image"}
   sample = {"image": jax.ShapeDtypeStruct((4, SIZE, SIZE, 3), jnp.uint8)}
   _, state_sh = trainer.abstract_state(sample)
-  state = trainer.init_state(sample, state_sh)
-  before = jax.device_get(state)
   frozen, frozen_sh = trainer.frozen()
-  step = trainer.make_step(state_sh, frozen_sh)
-  state, metrics = step(state, frozen, sharding.global_batch(batch_np, mesh))
+  # The runner's own guarded step (what `python -m mim_jax.train` runs) around the method's.
+  compile_step, state = train_util.guarded_step(trainer, sample, state_sh, frozen_sh)
+  before = jax.device_get(state)
+  batch = sharding.global_batch(dict(batch_np, _bad=np.zeros((4,), np.int32)), mesh)
+  step, _, _ = compile_step(state, frozen, batch)
+  state, metrics = step(state, frozen, batch)
+  assert int(state["guard"]["nonfinite_steps"]) == 0
   after = jax.device_get(state)
   assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
   assert float(metrics["psnr"]) > 0 and 1 <= float(metrics["codebook_used"]) <= 16

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import train_util
 
 from mim_jax import checkpoint as ckpt_lib
 from mim_jax import config_lib
@@ -192,16 +193,17 @@ def test_train_step_initialises_the_codebook_and_restores_as_a_tokenizer(tmp_pat
   assert set(batch_np) == {"image"}
   sample = {"image": jax.ShapeDtypeStruct((8, SIZE, SIZE, 3), jnp.uint8)}
   _, state_sh = trainer.abstract_state(sample)
-  state = trainer.init_state(sample, state_sh)
-  before = jax.device_get(state)
-  assert not bool(before["extra"]["codebook"]["quantize"]["initted"])
   # The teacher is a frozen input beside the state, never part of it (nor of checkpoints).
   frozen, frozen_sh = trainer.frozen()
+  # The runner's own guarded step (what `python -m mim_jax.train` runs) around the method's.
+  compile_step, state = train_util.guarded_step(trainer, sample, state_sh, frozen_sh)
+  before = jax.device_get(state)
+  assert not bool(before["extra"]["codebook"]["quantize"]["initted"])
   assert set(frozen) == {"teacher"} and "consts" not in before
   assert "teacher" not in before["params"]
   frozen_before = jax.device_get(frozen)
-  step = trainer.make_step(state_sh, frozen_sh)
-  batch = sharding.global_batch(batch_np, mesh)
+  batch = sharding.global_batch(dict(batch_np, _bad=np.zeros((8,), np.int32)), mesh)
+  step, _, _ = compile_step(state, frozen, batch)
   state, m1 = step(state, frozen, batch)
   after = jax.device_get(state)
   book = after["extra"]["codebook"]["quantize"]

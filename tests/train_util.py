@@ -121,3 +121,23 @@ def assert_one_line_error(result, *needles):
     assert n in errors[0], errors[0]
   assert "Traceback" not in result.stderr
   assert "Compiling" not in result.stderr
+
+
+def guarded_step(trainer, sample, state_sh, frozen_sh):
+  """The runner's own jitted step (non-finite guard, bad-example count) around a trainer's
+  step, and a fresh state for it: step(state, frozen, batch) with batch['_bad'] set."""
+  import types  # pylint: disable=g-import-not-at-top
+
+  from mim_jax import runner  # pylint: disable=g-import-not-at-top
+
+  job = types.SimpleNamespace(
+    step=trainer.step_fn(),
+    mesh=trainer.mesh,
+    rules=trainer.rules,
+    state_sh=state_sh,
+    frozen_sh=frozen_sh,
+    init_state=lambda: trainer.init_state(sample, state_sh),
+  )
+  compile_step, guarded_sh = runner._guarded_step(job)  # pylint: disable=protected-access
+  state = runner._fresh_state(job, guarded_sh)  # pylint: disable=protected-access
+  return compile_step, state
