@@ -13,13 +13,14 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch==2.13.0 is pinned first and alone so that the CPU wheel is used, never a CUDA build.
+# The test install adds libtpu (the `tpu` extra) so that the compile-only TPU tests run.
 $(VENV)/.installed: setup.py | $(VENV)/bin/python
 	$(PIP) install -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[test]"
+	$(PIP) install -e ".[test,tpu]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -38,6 +38,11 @@ EXTRAS = {
     "open_clip_torch==3.3.0",
     "faiss-cpu==1.15.1",
   ],
+  # Compile-only TPU targets (`python -m mim_jax.aot`, docs/aot.md): jax 0.10.2's own `tpu`
+  # extra pins libtpu 0.0.42.*; bump the two together. ~700 MB, Google Cloud Platform Terms
+  # of Service: optional, never vendored. On a machine without TPU chips mim_jax keeps jax
+  # on the CPU (mim_jax/__init__.py), so installing it changes no ordinary run.
+  "tpu": ["libtpu==0.0.42.1"],
 }
 
 setuptools.setup(

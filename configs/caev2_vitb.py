@@ -74,6 +74,9 @@ def get_config(arg: str = ""):
   c.teacher.random_init = ""  # 'random:ViT-B/16,...': untrained stand-in, smoke runs
 
   large = a.variant == "L/16"
+  # The architecture behind teacher.path (CLIP ViT-L/14 for ViT-L, else ViT-B/16): what an
+  # untrained stand-in has where the weights are absent (python -m mim_jax.aot).
+  c.teacher.arch = "ViT-L/14" if large else "ViT-B/16"
   c.data.image_size = 224
   c.data.second_image_size = 196 if large else 224  # CLIP ViT-L/14 at 196 px for ViT-L
   c.data.crop_scale = (0.4, 1.0)

@@ -79,6 +79,7 @@ def get_config(arg: str = ""):
   c.teacher.kind = "clip"
   c.teacher.path = ""  # converted .npz (python -m mim_jax.teachers.clip) or .pt
   c.teacher.random_init = ""  # 'random:ViT-B/16,...': untrained stand-in, smoke runs
+  c.teacher.arch = "ViT-B/16"  # behind teacher.path; the stand-in of python -m mim_jax.aot
 
   c.data.image_size = c.data.second_image_size = 224
   c.data.crop_scale = (0.08, 1.0)

@@ -91,6 +91,10 @@ def add_runner_fields(c: mlc.ConfigDict) -> None:
   # A jax.profiler trace of steps start_step .. start_step+num_steps-1 in DIR/profile
   # (0: none); mim_jax/profiler.py.
   c.profile = mlc.ConfigDict(dict(start_step=0, num_steps=3))
+  # Persistent compilation cache: 'default' (~/.cache/mim_jax/jax or
+  # $JAX_COMPILATION_CACHE_DIR), 'workdir' (DIR/jax_cache), a path, or '' (off);
+  # mim_jax/compile_cache.py.
+  c.compilation_cache = "default"
 
 
 def base_config() -> mlc.ConfigDict:

@@ -42,6 +42,7 @@ import numpy as np
 import optax
 
 from mim_jax import checkpoint as ckpt_lib
+from mim_jax import compile_cache
 from mim_jax import distributed
 from mim_jax import metrics as metrics_lib
 from mim_jax import perf
@@ -195,6 +196,7 @@ def run_cli(argv, fn: Callable[[Any, str], Any]):
     check_workdir(WORKDIR.value)
     try:
       profiler.check(config)
+      compile_cache.setup(config, WORKDIR.value)
     except ValueError as e:
       raise ConfigError(str(e)) from None
     return fn(config, WORKDIR.value)
@@ -276,7 +278,7 @@ def process_rows(mesh, global_batch_size: int) -> np.ndarray:
   return np.array(sorted(rows), np.int64)
 
 
-def _guard_abstract():
+def guard_abstract():
   i32 = jax.ShapeDtypeStruct((), jnp.int32)
   return {"nonfinite_steps": i32, "last_nonfinite_step": i32, "bad_examples": i32}
 
@@ -406,8 +408,9 @@ def _nonfinite_check(config, step, guard, ckpt) -> None:
     )
 
 
-def _guarded_step(job: Job):
-  """jit(step) that never applies a non-finite update and counts substituted examples."""
+def guarded_jit(job: Job):
+  """(jit(step) that never applies a non-finite update and counts substituted examples, the
+  shardings of its state); `mim_jax.aot` lowers it for compile-only targets."""
 
   def step_fn(state, frozen, batch):
     bad = batch.pop("_bad")
@@ -430,7 +433,7 @@ def _guarded_step(job: Job):
     return new, metrics
 
   repl = sharding.replicated(job.mesh)
-  state_sh = dict(job.state_sh, guard=jax.tree.map(lambda _: repl, _guard_abstract()))
+  state_sh = dict(job.state_sh, guard=jax.tree.map(lambda _: repl, guard_abstract()))
   batch_sh = sharding.batch_sharding(job.mesh)
   jitted = jax.jit(
     step_fn,
@@ -438,6 +441,12 @@ def _guarded_step(job: Job):
     out_shardings=(state_sh, repl),
     donate_argnums=(0,),
   )
+  return jitted, state_sh
+
+
+def _guarded_step(job: Job):
+  """(compile_step, state shardings): the guarded step, compiled ahead of the first step."""
+  jitted, state_sh = guarded_jit(job)
 
   def compile_step(state, frozen, batch):
     """Compiles ahead of the first step, so that compilation is timed apart from training
@@ -458,7 +467,7 @@ def _guarded_step(job: Job):
 
 
 def _abstract_with_guard(job: Job, state_sh):
-  abstract = dict(job.state_abs, guard=_guard_abstract())
+  abstract = dict(job.state_abs, guard=guard_abstract())
   return jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
   )

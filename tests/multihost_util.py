@@ -175,6 +175,9 @@ def train_cmd(
   workdir: str, flags: list[str], distributed: bool, config: str = TRAIN_CONFIG
 ) -> list[str]:
   cmd = [sys.executable, "-m", "mim_jax.train", f"--config={config}", f"--workdir={workdir}"]
+  # No persistent compilation cache (config.compilation_cache is on by default): a process
+  # that hits it while its peer compiles would leave the peer > 30 s behind.
+  cmd += ["--config.compilation_cache="]
   return cmd + flags + (["--config.distributed=True"] if distributed else [])
 
 
@@ -186,8 +189,7 @@ def launch_train(
   log_dir: str,
   name: str,
 ) -> Job:
-  """The trainer CLI as a loopback job (no persistent compilation cache: a process that
-  hits it while its peer compiles would leave the peer > 30 s behind, see QUICK_COMPILE)."""
+  """The trainer CLI as a loopback job (no persistent compilation cache, see train_cmd)."""
   cmd = train_cmd(workdir, flags, distributed=num_processes > 1)
   return launch_local(cmd, num_processes, devices_per_process, log_dir, name)
 

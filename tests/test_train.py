@@ -180,6 +180,27 @@ def test_profile_traces_the_requested_steps_and_rows_report_efficiency(tmp_path,
   assert rows[1]["img_per_s"] > 0.05 * rows[5]["img_per_s"]
 
 
+def test_restarted_run_loads_its_step_from_the_compilation_cache(tmp_path, tiny_npz):
+  """config.compilation_cache is on by default; 'workdir' keeps it in DIR/jax_cache. A run
+  that lost its last checkpoint (killed after step 2) is restarted with the same command:
+  its first row reports loading the step from the cache, not a second compilation."""
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  workdir = str(tmp_path / "w")
+  flags = tiny_flags(tiny_npz, total_steps=4, checkpoint_every=2)
+  flags += ["--config.compilation_cache=workdir"]
+  first = run_train(workdir, flags)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert os.listdir(os.path.join(workdir, "jax_cache"))
+  compiled = logged_rows(workdir)[1]["compile_s"]
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+  second = run_train(workdir, flags)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "resumed from" in second.stderr
+  loaded = logged_rows(workdir)[3]["compile_s"]
+  assert loaded < 0.5 * compiled, (loaded, compiled)
+
+
 # ------------------------------------------------------------------ sharding
 def test_one_step_equal_on_single_device_dp_and_fsdp(tmp_path, tiny_npz):
   """One train step with data parallel and with FSDP over 8 devices equals 1 device."""

@@ -33,6 +33,7 @@ from mim_jax import masking
 from mim_jax.data import transforms
 from mim_jax.methods import common
 from mim_jax.models import vit
+from mim_jax.tokenizers import base as tok_base
 from mim_jax.tokenizers import centroids as centroid_lib
 from mim_jax.tokenizers import kmeans
 
@@ -140,7 +141,11 @@ class CCViT:
   # ---------------------------------------------------------------- tokenizer
   def _load_tokenizer(self, workdir, source) -> centroid_lib.CentroidTokenizer:
     t = self.config.tokenizer
-    if t.path:
+    if t.path.startswith(tok_base.RANDOM):  # an untrained stand-in (mim_jax.aot)
+      k = tok_base.random_codebook_size(t)
+      rand = np.random.default_rng(0).random((k, 3 * self.patch * self.patch), np.float32)
+      tok = centroid_lib.CentroidTokenizer(rand, self.patch)
+    elif t.path:
       tok = centroid_lib.CentroidTokenizer.load(t.path)
     else:
       cached = os.path.join(workdir, "centroids") if workdir else None
@@ -180,6 +185,8 @@ class CCViT:
     """The codebook: the files of config.tokenizer.path, or the content of the one built
     into (or read back from) the workdir."""
     t = self.config.tokenizer
+    if t.path.startswith(tok_base.RANDOM):
+      return {"tokenizer.path": f"{t.path} (untrained stand-in, seed 0)"}
     if t.path:
       return {"tokenizer.path": common.codebook_fingerprint(t.path)}
     return {

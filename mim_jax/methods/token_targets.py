@@ -45,12 +45,17 @@ class TokenTargets:
     self.cache = None
     self.tokenizer = None
     if t.get("cache", ""):
-      self.cache = cache_lib.TokenCache(t.cache)
+      if str(t.cache).startswith("random:"):  # a stand-in (mim_jax.aot)
+        self.cache = cache_lib.RandomTokenCache(t.cache, self.grid, t.get("k", 0) or 8192)
+      else:
+        self.cache = cache_lib.TokenCache(t.cache)
       self.cache.check_train_view(d)
       self.vocab_size = self.cache.codebook_size
       found, where = self.cache.grid, f"config.tokenizer.cache ({t.cache})"
     else:
-      self.tokenizer = tok_base.load_tokenizer(t, d.image_size)
+      self.tokenizer = tok_base.load_tokenizer(
+        t, d.image_size, view_size=d.second_image_size, patch_size=patch_size
+      )
       self.vocab_size = self.tokenizer.codebook_size
       found, where = self.tokenizer.grid, f"config.tokenizer.path ({t.path})"
       if self.tokenizer.view.size != d.second_image_size:
@@ -107,11 +112,15 @@ class TokenTargets:
     workdir by its content, so that the workdir may move)."""
     t = self.config.tokenizer
     if not self.online:
+      if isinstance(self.cache, cache_lib.RandomTokenCache):
+        return {"tokenizer.cache": t.cache}
       return {"tokenizer.cache": common.file_fingerprint(t.cache)}
     if self.built_in_workdir:
       where = "codebook built in the workdir from the training data, " + common.array_fingerprint(
         self.tokenizer.params["centroids"]
       )
+    elif t.path.startswith(tok_base.RANDOM):
+      where = f"{t.path} (untrained stand-in, seed 0)"
     elif t.kind == "centroids":
       where = common.codebook_fingerprint(t.path)
     else:

@@ -109,10 +109,11 @@ class Tokenizer:
     return f"Tokenizer({self.kind}, K={self.codebook_size}, grid={self.grid}, view={self.view})"
 
 
-def _centroids(cfg, image_size: int | None) -> Tokenizer:
+def _centroids(cfg, image_size: int | None, tok=None) -> Tokenizer:
   from mim_jax.tokenizers import centroids as centroid_lib  # pylint: disable=g-import-not-at-top
 
-  tok = centroid_lib.CentroidTokenizer.load(cfg.path)
+  if tok is None:
+    tok = centroid_lib.CentroidTokenizer.load(cfg.path)
   # Pixel centroids work at any size that the patch divides; default: the size they were fit at.
   image_size = int(image_size or tok.metadata.get("image_size", 224))
   if image_size % tok.patch_size:
@@ -131,6 +132,7 @@ def _centroids(cfg, image_size: int | None) -> Tokenizer:
     return centroid_lib.unpatchify(pixels, patch, (g, g))
 
   g = image_size // patch
+  where = cfg.path if cfg.path.startswith(RANDOM) else os.path.abspath(cfg.path)
   return Tokenizer(
     "centroids",
     fn,
@@ -138,16 +140,79 @@ def _centroids(cfg, image_size: int | None) -> Tokenizer:
     codebook_size=tok.centroids.shape[0],
     grid=(g, g),
     view=View(image_size, int(cfg.get("resize", 0) or image_size)),
-    provenance={"path": os.path.abspath(cfg.path), **tok.metadata},
+    provenance={"path": where, **tok.metadata},
     decode_fn=decode,
   )
 
 
-def load_tokenizer(cfg, image_size: int | None = None) -> Tokenizer:
-  """A `Tokenizer` from a `config.tokenizer` section (kind, path, ...)."""
+# An untrained tokenizer of the kind's paper architecture, for when the trained one is not at
+# hand: compile-only dry runs (mim_jax.aot, docs/aot.md) and smoke tests. Spelled
+# config.tokenizer.path='random:' or 'random:K' (K codes; default config.tokenizer.k or 8192).
+RANDOM = "random:"
+
+
+def random_codebook_size(cfg) -> int:
+  spec = cfg.path[len(RANDOM) :]
+  try:
+    return int(spec) if spec else int(cfg.get("k", 0) or 8192)
+  except ValueError:
+    raise ValueError(
+      f"config.tokenizer.path={cfg.path!r}: a random stand-in is 'random:' or 'random:K'"
+    ) from None
+
+
+def random_tokenizer(cfg, *, view_size: int, patch_size: int, seed: int = 0) -> Tokenizer:
+  """The stand-in of `cfg.kind` (see RANDOM): VQ-KD's ViT-B encoder + K x 32 codebook
+  (tokenize path only), PeCo's VQ-VAE, k-CLIP's RN50x64 + K centroids, or K pixel centroids,
+  taking `view_size` px views; weights are drawn, nothing is read."""
+  kind, k = cfg.kind, random_codebook_size(cfg)
+  provenance = {"random": cfg.path, "codebook_size": k}
+  if kind == "centroids":
+    from mim_jax.tokenizers import centroids as centroid_lib  # pylint: disable=g-import-not-at-top
+
+    rand = np.random.default_rng(seed).random((k, 3 * patch_size * patch_size), np.float32)
+    tok = centroid_lib.CentroidTokenizer(rand, patch_size, metadata={"image_size": view_size})
+    return _centroids(cfg, view_size, tok)
+  rng = jax.random.PRNGKey(seed)
+  if kind == "vqkd":
+    from mim_jax.tokenizers import vqkd  # pylint: disable=g-import-not-at-top
+
+    model = vqkd.model_from_config(
+      {"model": {"variant": f"B/{patch_size}"}, "vqkd": {"decoder_depth": 0, "num_codes": k}}
+    )
+    v = vqkd.init_variables(model, rng, view_size)
+    return vqkd.VQKDTokenizer(
+      model, v["params"], v["codebook"], image_size=view_size, provenance=provenance
+    ).as_tokenizer()
+  if kind == "peco":
+    from mim_jax.tokenizers import peco  # pylint: disable=g-import-not-at-top
+
+    model = peco.vqvae_from_config({"num_codes": k})
+    v = peco.init_variables(model, rng, view_size)
+    return peco.PeCoTokenizer(
+      model, v["params"], v["codebook"], image_size=view_size, provenance=provenance
+    ).as_tokenizer()
+  from mim_jax.teachers import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  from mim_jax.tokenizers import kclip  # pylint: disable=g-import-not-at-top
+
+  teacher = clip_lib.CLIPTeacher(f"random:RN50x64,image_size={view_size}")
+  rand = np.random.default_rng(seed).standard_normal((k, teacher.layer4_channels), np.float32)
+  return kclip.KClipTokenizer(
+    teacher, rand, view=View(view_size, view_size), metadata=provenance
+  ).as_tokenizer()
+
+
+def load_tokenizer(
+  cfg, image_size: int | None = None, *, view_size: int | None = None, patch_size: int = 16
+) -> Tokenizer:
+  """A `Tokenizer` from a `config.tokenizer` section (kind, path, ...); a 'random:' path
+  gives `random_tokenizer` with `view_size` px views (default image_size, else 224)."""
   kind = cfg.get("kind", "")
   if kind not in KINDS:
     raise ValueError(f"config.tokenizer.kind must be one of {KINDS}, got {kind!r}")
+  if str(cfg.get("path", "")).startswith(RANDOM):
+    size = int(view_size or image_size or 224)
+    return random_tokenizer(cfg, view_size=size, patch_size=patch_size)
   if not cfg.get("path"):
     raise ValueError(
       f"config.tokenizer.path is empty: point it at a {kind} tokenizer "

@@ -224,6 +224,37 @@ class TokenCache:
       )
 
 
+class RandomTokenCache:
+  """A stand-in for a token cache that is not at hand (config.tokenizer.cache='random:' or
+  'random:K'): random ids of a K-code tokenizer on the student's grid, the same for an index
+  on every read. It gives compile-only dry runs (mim_jax.aot) the batch a real cache gives."""
+
+  def __init__(self, spec: str, grid: tuple[int, int], codebook_size: int = 8192):
+    rest = spec[len("random:") :]
+    try:
+      k = int(rest) if rest else int(codebook_size)
+    except ValueError:
+      raise CacheMismatchError(
+        f"config.tokenizer.cache={spec!r}: a random stand-in is 'random:' or 'random:K'"
+      ) from None
+    self.directory = spec
+    self.grid = (int(grid[0]), int(grid[1]))
+    self.codebook_size = k
+    n = self.grid[0] * self.grid[1]
+    self.meta = {"tokenizer": {"kind": "random", "codebook_size": k, "grid": list(self.grid)}}
+    self.num_tokens = n
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    rng = np.random.default_rng(int(index))
+    return rng.integers(0, self.codebook_size, (self.num_tokens,), dtype=np.int32)
+
+  def check_source(self, source) -> None:
+    del source  # any length: ids are drawn per index
+
+  def check_train_view(self, data_cfg: Any) -> None:
+    del data_cfg  # no cached region to cover
+
+
 class WithTokens:
   """A data source whose examples carry their cached tokens (`example['tokens']`)."""
 

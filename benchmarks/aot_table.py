@@ -1,0 +1,156 @@
+r"""Memory and FLOPs of every paper config on a TPU slice, compiled without the slice.
+
+  python benchmarks/aot_table.py --topology=v5e-256 --set=dtype=bfloat16 \
+      --reports_dir=/tmp/aot_reports --out=/tmp/aot_table.md
+
+Runs `python -m mim_jax.aot` once per config (one process each, one at a time: the TPU
+compiler of a ViT-L step takes minutes and GiBs on the compiling machine), keeps each JSON
+report in --reports_dir (an existing report is reused with --reuse, so an interrupted table
+resumes), and prints a markdown table: memory per chip (arguments, temp, total) against the
+chip's HBM, FLOPs per image from XLA and from mim_jax/flops.py (its frozen teacher /
+tokenizer part apart), and compile time. A config that does not fit gets its one-line
+shortfall in the table. Configs whose paper batch the slice cannot split (PeCo's VQ-VAE at
+128) go to --small_topology.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER_CONFIGS = (
+  "beitv2_vitb",
+  "beitv2_vitl",
+  "peco_vitb",
+  "peco_vitl",
+  "peco_mae_vitb",
+  "mapet_vitt",
+  "mapet_vits",
+  "mapet_vitb",
+  "ccvit_vitb",
+  "ccvit_vitl",
+  "caev2_vitt",
+  "caev2_vits",
+  "caev2_vitb",
+  "caev2_vitl",
+  "vqkd_vitb",
+  "peco_vqvae",
+)
+
+
+def run_one(name: str, topology: str, overrides: list[str], reports_dir: str, reuse: bool):
+  path = os.path.join(reports_dir, f"{name}.json")
+  err_path = os.path.join(reports_dir, f"{name}.err")
+  if reuse and (os.path.exists(path) or os.path.exists(err_path)):
+    pass
+  else:
+    cmd = [
+      sys.executable,
+      "-m",
+      "mim_jax.aot",
+      f"--config=configs/{name}.py",
+      f"--topology={topology}",
+      f"--out={path}",
+      *[f"--config.{o}" for o in overrides],
+    ]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if r.returncode:
+      errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+      with open(err_path, "w") as f:
+        f.write(errors[-1] if errors else r.stderr[-500:])
+    print(f"{name}: exit {r.returncode}", file=sys.stderr, flush=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f), None
+  with open(err_path) as f:
+    return None, f.read().strip()
+
+
+def analytic_count(name: str, overrides: list[str]) -> dict:
+  """mim_jax/flops.py's count per image as it is now (reused reports may predate it)."""
+  import ast  # pylint: disable=g-import-not-at-top
+
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  flags.FLAGS.mark_as_parsed()
+  from mim_jax import aot  # pylint: disable=g-import-not-at-top
+  from mim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from mim_jax import flops  # pylint: disable=g-import-not-at-top
+
+  c = config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
+  with c.unlocked():
+    for o in overrides:
+      key, _, value = o.partition("=")
+      node = c
+      *parents, leaf = key.split(".")
+      for part in parents:
+        node = node[part]
+      try:
+        node[leaf] = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        node[leaf] = value
+    aot.use_standins(c)
+  return {k: v / c.batch_size / 1e9 for k, v in flops.step_flops(c).items()}
+
+
+def row(name: str, report: dict | None, error: str | None, overrides: list[str]) -> str:
+  if report is None:
+    return f"| {name} | | | | | | | | | | {error} |"
+  m = report["memory_per_chip_gib"]
+  parts = analytic_count(name, overrides)
+  xla = report.get("xla_gflops_per_image")
+  analytic = parts["total"]
+  ratio = f"{xla / analytic:.2f}" if xla and analytic else "n/a"
+  return (
+    f"| {name} | {report['config'].split(' ', 1)[1]} | {report['topology']} | "
+    f"{report['batch_per_chip']:g} | {m['arguments']:.2f} | {m['temp']:.2f} | "
+    f"{m['total']:.2f} / {report['hbm_per_chip_gib']:g} | "
+    f"{xla:.1f} | {analytic:.1f} ({parts.get('frozen', 0.0):.1f}) | {ratio} | "
+    f"{report['compile_s']:.0f} |"
+  )
+
+
+def main() -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--topology", default="v5e-256")
+  p.add_argument("--small_topology", default="v5e-16", help="for peco_vqvae (batch 128)")
+  p.add_argument("--configs", default=",".join(PAPER_CONFIGS))
+  p.add_argument("--set", action="append", default=[], help="config override, e.g. dtype=bfloat16")
+  p.add_argument("--reports_dir", default="/tmp/aot_reports")
+  p.add_argument("--reuse", action="store_true", help="keep reports already in --reports_dir")
+  p.add_argument("--out", default="")
+  args = p.parse_args()
+  os.makedirs(args.reports_dir, exist_ok=True)
+  lines = [
+    f"### Paper configs on {args.topology}, compile-only ({datetime.date.today().isoformat()})",
+    "",
+    "Command: `" + " ".join(["python benchmarks/aot_table.py", *sys.argv[1:]]) + "`; machine: "
+    f"{platform.machine()}, {os.cpu_count()} CPU cores (the compiler's host). Memory in GiB "
+    "per chip; GFLOP per image (analytic: total, with the frozen teacher/tokenizer forward "
+    "in brackets); compile: seconds on this machine.",
+    "",
+    "| config | step | target | per chip | arguments | temp | total / HBM | XLA GFLOP "
+    "| analytic GFLOP (frozen) | XLA / analytic | compile s |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for name in args.configs.split(","):
+    topology = args.small_topology if name == "peco_vqvae" else args.topology
+    report, error = run_one(name, topology, args.set, args.reports_dir, args.reuse)
+    lines.append(row(name, report, error, args.set))
+    print(lines[-1], flush=True)
+  text = "\n".join(lines) + "\n"
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(text)
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
