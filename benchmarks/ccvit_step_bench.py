@@ -346,7 +346,7 @@ def bench_variant(args, variant, batch_size, meter, log):
   )
   contenders = []  # (framework, dtype, run, info)
   if not args.no_jax:
-    for dtype in args.dtype.split(','):
+    for dtype in args.dtype:
       run, info = build_jax(
         variant,
         batch_size,
@@ -446,11 +446,25 @@ def bench_variant(args, variant, batch_size, meter, log):
   return rows
 
 
+def _dtypes(arg: str) -> list[str]:
+  """'both' -> ['fp32', 'bf16']; 'fp32,bf16' -> the same; anything else is a usage error."""
+  names = ['fp32', 'bf16'] if arg == 'both' else [d.strip() for d in arg.split(',') if d.strip()]
+  bad = [d for d in names if d not in ('fp32', 'bf16')]
+  if bad or not names:
+    raise argparse.ArgumentTypeError(f'{arg!r}: give fp32, bf16, both or fp32,bf16')
+  return names
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description='CCViT step: mim_jax vs timm/PyTorch, images/s.')
   ap.add_argument('--variants', default='B/16,T/16')
   ap.add_argument('--batch_sizes', default='8,32', help='one per variant (comma-separated)')
-  ap.add_argument('--dtype', default='fp32,bf16', help='JAX compute dtype(s): fp32, bf16 or both')
+  ap.add_argument(
+    '--dtype',
+    default='fp32,bf16',
+    type=_dtypes,
+    help='JAX compute dtype(s): fp32, bf16, both, or a comma-separated list',
+  )
   ap.add_argument('--image_size', type=int, default=224)
   ap.add_argument('--k', type=int, default=8192)
   ap.add_argument('--num_masked', type=int, default=-1, help='-1: 75/196')

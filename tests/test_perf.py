@@ -53,3 +53,21 @@ def test_tflops_and_mfu():
   assert row == pytest.approx({"tflops_per_device": 98.5, "mfu": 0.5})
   assert perf.efficiency(1e12, 0.5, device_kind="cpu") == {"tflops_per_device": 2.0}
   assert perf.efficiency(None, 1.0) == {}
+
+
+def test_ccvit_step_bench_accepts_both_dtypes():
+  """`--dtype both` used to end in a KeyError after minutes of set-up."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)), "benchmarks", "ccvit_step_bench.py"
+  )
+  spec = importlib.util.spec_from_file_location("ccvit_step_bench", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  assert bench._dtypes("both") == ["fp32", "bf16"]  # pylint: disable=protected-access
+  assert bench._dtypes("bf16") == ["bf16"]  # pylint: disable=protected-access
+  with pytest.raises(argparse.ArgumentTypeError, match="fp32, bf16, both"):
+    bench._dtypes("float32")  # pylint: disable=protected-access
