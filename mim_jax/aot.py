@@ -37,6 +37,9 @@ import time
 # Before jax loads libtpu: no metadata-server queries, no worker-hostname warning.
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+# Compile-only devices touch no chip, so several dry runs (or a dry run beside the test suite)
+# may load libtpu at once; without this the second one fails on libtpu's lock file.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 # ruff: noqa: E402
 from absl import app

@@ -67,15 +67,10 @@ K x 4096 lookup; pixel centroids: the K x 3p^2 lookup), the CLIP teacher is
 names one; a token cache (config.tokenizer.cache, MaPeT's default) costs nothing in the step.
 
 What the implementation computes beyond this count is listed by `implementation_overhead`:
-  * MaPeT runs one sequence [h (T), M (P), g (P)] through shared blocks under a mask
-    (methods/mapet.py MaPeTModel: `parts = [x, queries, queries]`, then
-    common.transformer_blocks -> vit.Attention's one qkv Dense and full logits einsum), so
-    every block projects keys and values of the P queries, which no row attends to, and
-    scores all (T + 2P)^2 pairs instead of (T + P)^2 + P (T + P). ViT-B/16, least_number 50
-    (T 197, P 147): 491 tokens a block where 344 content tokens + 147 queries over 344 keys
-    are needed; per block 0.35 GFLOP of query keys/values + 0.22 GFLOP of attention
-    (491^2 against 344^2 + 147 x 344 scores), x 12 blocks x 3 = 20.5 GFLOP per image, +7.8 %
-    on the needed 262.4 (ViT-S +9.9 %, ViT-T +13 %, 'pim' [h, g] +10 %).
+  * (fixed) MaPeT used to run [h (T), M (P), g (P)] through each block as one sequence, so
+    it projected keys and values of the P queries, which no row attends to, and scored all
+    (T + 2P)^2 pairs: +20.5 GFLOP per image on ViT-B/16 (+7.8 %). vit.Attention's `kv_len`
+    now gives keys and values for the content stream only (BENCHMARKS.md §10).
   * PeCo-MAE and CAE v2 embed all N patches before dropping the masked ones (models/vit.py
     VisionTransformer._embed, then `keep`); only the V visible ones are needed (+0.2 %).
   * peco_vqvae with the GAN runs the discriminator twice on the reconstruction (once with
@@ -483,14 +478,6 @@ def implementation_overhead(config) -> dict[str, float]:
     out["patch_embed_of_masked_patches"] = NO_INPUT_GRAD * dense(
       config.method.num_masked, 3 * s["patch"] ** 2, s["dim"]
     )
-  elif name == "mapet" and config.method.mode != "mim":
-    s = _student(config)
-    content, queries = _mapet_streams(config, s)
-    whole = sum(block(content + queries, s["dim"]))  # one sequence [h, (M,) g], full attention
-    needed = sum(block(content, s["dim"])) + sum(
-      block(queries, s["dim"], keys=content, kv_tokens=0)
-    )
-    out["query_stream_keys_values_and_full_attention"] = TRAIN * s["depth"] * (whole - needed)
   elif name == "peco_vqvae" and config.get("gan") and config.gan.enabled:
     out["discriminator_second_forward_on_reconstruction"] = sum(
       _patchgan(config.gan.ndf, config.gan.n_layers, int(config.data.image_size))

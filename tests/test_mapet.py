@@ -378,3 +378,22 @@ def test_scanned_and_rematerialised_blocks_give_the_same_loss(tmp_path, mode, la
   # A scanned checkpoint's encoder loads into the evaluation ViT once unstacked.
   enc = convert.unstack_layers(mapet.MaPeT.encoder_params(convert.stack_layers(params)))
   assert set(enc) == set(mapet.MaPeT.encoder_params(params))
+
+
+def test_attention_with_kv_len_equals_masking_the_asking_tokens_columns():
+  """The query stream gives no keys or values (vit.Attention kv_len): the same output as
+  the one-sequence attention whose mask hides those columns, with the same parameters."""
+  from mim_jax.models import vit  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 10, 32)), jnp.float32)
+  mask = rng.random((2, 1, 10, 10)) < 0.7
+  mask[..., 7:] = False  # nobody attends to the last 3 tokens
+  mask[..., 0] = True  # every row sees something
+  mask = jnp.asarray(mask)
+  full = vit.Attention(32, 4, k_bias=True)
+  params = full.init(jax.random.PRNGKey(1), x)
+  params = jax.tree.map(lambda p: p + 0.1 * jnp.ones_like(p), params)  # non-zero biases
+  want = full.apply(params, x, attn_mask=mask)
+  got = vit.Attention(32, 4, k_bias=True, kv_len=7).apply(params, x, attn_mask=mask)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

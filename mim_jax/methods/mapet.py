@@ -121,11 +121,15 @@ class MaPeTModel(nn.Module):
     if content_order is not None:  # the permuted layout: content tokens in perm order
       x = jnp.take_along_axis(x, content_order[..., None], axis=1)
 
+    kv_len = None
     if self.mode != "mim":
       m_pos = self.param("mask_positional_token", token_init, (1, 1, d))
       queries = (m_pos + jnp.take(pos[0], pred, axis=0)).astype(x.dtype)  # (B, P, D)
       parts = [x, queries, queries] if self.mode == "mapet" else [x, queries]
       x = jnp.concatenate(parts, axis=1)
+      # The query stream g (the last P tokens) asks but is attended to by no token: only
+      # the content stream ([h, M] or h) gives keys and values (BENCHMARKS.md §10).
+      kv_len = x.shape[1] - queries.shape[1]
     x = nn.with_logical_constraint(x, vit.ACT_AXES)
 
     block_kw = dict(
@@ -135,6 +139,7 @@ class MaPeTModel(nn.Module):
       weight_init="timm",
       k_bias=True,
       dtype=dtype,
+      kv_len=kv_len,
     )
     x = common.transformer_blocks(
       x,

@@ -257,6 +257,10 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   k_bias: bool = False  # timm / MoCo v3 / DINO ViTs (and MaPeT) also learn a k bias
+  # Only the first kv_len tokens give keys and values (None: all); the rest only ask. MaPeT's
+  # query stream is attended to by no token (two-stream attention, MaPeT §4.1): its keys,
+  # values and score columns would be computed and then masked away (BENCHMARKS.md §10).
+  kv_len: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, rel_pos_bias=None, attn_mask=None):
@@ -264,15 +268,21 @@ class Attention(nn.Module):
     boolean (True = attend), broadcastable to (B, heads, N, N)."""
     batch, length, _ = x.shape
     head_dim = self.dim // self.num_heads
+    n = length if self.kv_len is None else min(int(self.kv_len), length)
     kernel_init, bias_init = _dense_inits(self.weight_init, self.dim)
-    qkv = nn.Dense(
+    dense = nn.Dense(
       3 * self.dim,
       use_bias=False,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       kernel_init=_named(kernel_init, ('embed', 'qkv')),
       name='qkv',
-    )(x)
+    )
+    qkv = dense(x[:, :n] if n < length else x)
+    q_rest = None
+    if n < length:  # queries of the asking tokens: the q third of the same kernel
+      kernel = nn.unbox(dense.variables['params']['kernel'])[:, : self.dim]
+      q_rest = jnp.dot(x[:, n:].astype(self.dtype), kernel.astype(self.dtype))
     if self.qkv_bias:
       # q/v biases start at zero under every convention; k has no bias at all.
       zeros = _named(nn.initializers.zeros_init(), ('qkv',))
@@ -285,15 +295,21 @@ class Attention(nn.Module):
       )
       bias = jnp.concatenate([q_bias, k_bias, v_bias])
       qkv = qkv + bias.astype(qkv.dtype)
+      if q_rest is not None:
+        q_rest = q_rest + q_bias.astype(q_rest.dtype)
     # (3, B, heads, N, head_dim): batch and head axes leading, which XLA:CPU's batched
     # matmuls run ~25 % faster than the 'bqhd' layout (measured, fwd + bwd).
-    qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+    qkv = qkv.reshape(batch, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
+    if q_rest is not None:
+      q_rest = q_rest.reshape(batch, length - n, self.num_heads, head_dim).transpose(0, 2, 1, 3)
+      q = jnp.concatenate([q, q_rest], axis=2)
     q = q * jnp.asarray(head_dim**-0.5, q.dtype)
     logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
     if rel_pos_bias is not None:
-      logits = logits + rel_pos_bias.astype(jnp.float32)[None]
+      logits = logits + rel_pos_bias.astype(jnp.float32)[..., :n][None]
     if attn_mask is not None:
+      attn_mask = attn_mask[..., :n]
       if attn_mask.dtype == jnp.bool_:
         logits = jnp.where(attn_mask, logits, jnp.finfo(jnp.float32).min)
       else:
@@ -381,6 +397,7 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   k_bias: bool = False
+  kv_len: Optional[int] = None  # see Attention
 
   @nn.compact
   def __call__(self, x, rel_pos_bias=None, attn_mask=None, *, train: bool = False):
@@ -406,6 +423,7 @@ class Block(nn.Module):
       self.dtype,
       self.param_dtype,
       k_bias=self.k_bias,
+      kv_len=self.kv_len,
       name='attn',
     )
     mlp = Mlp(
