@@ -78,7 +78,10 @@ def test_runlocal_config_compiles_for_v5e_4_without_data_or_weights(reports):
   assert any("/nonexistent/train.npz" in n for n in report["standins"]), report["standins"]
   assert any(n.startswith("tokenizer.path: random:") for n in report["standins"])
   lines = r.stdout.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("ccvit T/4 batch 32") and "fits" in lines[0]
+  # e.g. "ccvit T/4 batch 32 float32 on v5e-4 (4 chips, 8 per chip): fits, ..." (T/8 at 64 px
+  # where ../shared/data is absent)
+  assert len(lines) == 1 and lines[0].startswith(report["config"] + " on v5e-4 (4 chips")
+  assert "fits" in lines[0]
   # libtpu was told which slice it stands in for: none of its start-up warnings.
   assert "could not determine TPU" not in r.stderr, r.stderr[-2000:]
 
