@@ -270,6 +270,7 @@ def lower_step(config, devices):
     state_sh=state_sh,
     init_state=lambda: None,
     step=trainer.step_fn(),
+    split_step=trainer.split_step(),
     loader=None,
     images_per_step=b,
     frozen_sh=frozen_sh,

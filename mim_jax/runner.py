@@ -320,6 +320,11 @@ class Job:
   at_end: Callable[[Any, Any, dict, int], None] | None = None  # (state, frozen, batch, step)
   on_vis: Callable[[Any, Any, dict, int], None] | None = None
   vis_every: int = 0
+  # (compute, apply): the step in halves (train.Trainer.split_step). With it the guard decides
+  # from the loss and gradient norm before the update is computed, which then overwrites the
+  # donated state in place; without it the whole new state is built beside the old one
+  # (0.73 GiB more per v5e chip for a CCViT ViT-B step, BENCHMARKS.md §10).
+  split_step: tuple | None = None
 
 
 def check_workdir(workdir: str) -> None:
@@ -412,18 +417,28 @@ def guarded_jit(job: Job):
   """(jit(step) that never applies a non-finite update and counts substituted examples, the
   shardings of its state); `mim_jax.aot` lowers it for compile-only targets."""
 
+  split = getattr(job, "split_step", None)
+
   def step_fn(state, frozen, batch):
     bad = batch.pop("_bad")
     guard = state["guard"]
     inner = {k: v for k, v in state.items() if k != "guard"}
-    new, metrics = job.step(inner, frozen, batch)
-    ok = _all_finite(new) & _all_finite(
-      {k: v for k, v in metrics.items() if k in ("loss", "grad_norm")}
-    )
-    # One conditional, not a select per leaf: XLA fuses the chain of per-leaf finiteness
-    # flags into every leaf's select (leaves x leaves scalar ops), 7x the optimised HLO and
-    # 2.7 s -> 18 s to compile a 2-layer ViT step on CPU.
-    new = jax.lax.cond(ok, lambda: new, lambda: inner)
+    if split is not None:
+      # Decided before the update: with finite gradients (their norm) AdamW's update and the
+      # new parameters are finite, and the taken branch updates the donated state in place.
+      compute, apply = split
+      grads, new_extra, metrics = compute(inner, frozen, batch)
+      ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+      new = jax.lax.cond(ok, lambda: apply(inner, grads, new_extra), lambda: dict(inner))
+    else:
+      new, metrics = job.step(inner, frozen, batch)
+      ok = _all_finite(new) & _all_finite(
+        {k: v for k, v in metrics.items() if k in ("loss", "grad_norm")}
+      )
+      # One conditional, not a select per leaf: XLA fuses the chain of per-leaf finiteness
+      # flags into every leaf's select (leaves x leaves scalar ops), 7x the optimised HLO and
+      # 2.7 s -> 18 s to compile a 2-layer ViT step on CPU.
+      new = jax.lax.cond(ok, lambda: new, lambda: inner)
     new["step"] = inner["step"] + 1
     new["guard"] = {
       "nonfinite_steps": guard["nonfinite_steps"] + (~ok).astype(jnp.int32),

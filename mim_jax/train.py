@@ -160,11 +160,14 @@ class Trainer:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return jax.jit(init, out_shardings=state_sh)(rng)
 
-  def step_fn(self):
-    """The pure step (state, frozen, batch) -> (state, metrics) that the runner jits."""
+  def split_step(self):
+    """The step in two pure halves, so that the runner can decide from the loss and the
+    gradient norm whether to apply an update before computing it (mim_jax/runner.py):
+      compute(state, frozen, batch) -> (grads, new_extra, metrics with loss, grad_norm, lr)
+      apply(state, grads, new_extra) -> state with the update applied (step unchanged)."""
     method, tx, schedule = self.method, self.tx, self.schedule
 
-    def step_fn(state, frozen, batch):
+    def compute(state, frozen, batch):
       rng = jax.random.fold_in(state["rng"], state["step"])
 
       def loss_fn(params):
@@ -174,17 +177,28 @@ class Trainer:
         return loss, (metrics, new_extra)
 
       (_, (metrics, new_extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-      params = optax.apply_updates(state["params"], updates)
       metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state["step"]))
-      new_state = dict(
+      return grads, new_extra, metrics
+
+    def apply(state, grads, new_extra):
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      return dict(
         state,
-        step=state["step"] + 1,
-        params=params,
+        params=optax.apply_updates(state["params"], updates),
         opt_state=opt_state,
         extra=dict(state["extra"], **new_extra),
       )
-      return new_state, metrics
+
+    return compute, apply
+
+  def step_fn(self):
+    """The pure step (state, frozen, batch) -> (state, metrics): both halves in turn."""
+    compute, apply = self.split_step()
+
+    def step_fn(state, frozen, batch):
+      grads, new_extra, metrics = compute(state, frozen, batch)
+      new_state = apply(state, grads, new_extra)
+      return dict(new_state, step=state["step"] + 1), metrics
 
     return step_fn
 
@@ -335,6 +349,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state_sh=state_sh,
     init_state=lambda: trainer.init_state(sample, state_sh),
     step=trainer.step_fn(),
+    split_step=trainer.split_step(),
     loader=loader,
     images_per_step=config.batch_size,
     frozen=frozen,

@@ -132,6 +132,7 @@ def guarded_step(trainer, sample, state_sh, frozen_sh):
 
   job = types.SimpleNamespace(
     step=trainer.step_fn(),
+    split_step=trainer.split_step(),
     mesh=trainer.mesh,
     rules=trainer.rules,
     state_sh=state_sh,
