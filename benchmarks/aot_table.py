@@ -24,24 +24,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER_CONFIGS = (
-  "beitv2_vitb",
-  "beitv2_vitl",
-  "peco_vitb",
-  "peco_vitl",
-  "peco_mae_vitb",
-  "mapet_vitt",
-  "mapet_vits",
-  "mapet_vitb",
-  "ccvit_vitb",
-  "ccvit_vitl",
-  "caev2_vitt",
-  "caev2_vits",
-  "caev2_vitb",
-  "caev2_vitl",
-  "vqkd_vitb",
-  "peco_vqvae",
-)
+sys.path.insert(0, ROOT)
+from mim_jax.aot import PAPER_CONFIGS  # noqa: E402  (ROOT is on sys.path now)
 
 
 def run_one(name: str, topology: str, overrides: list[str], reports_dir: str, reuse: bool):

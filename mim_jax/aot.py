@@ -58,6 +58,27 @@ from mim_jax import train
 from mim_jax.data import pipeline as data_pipeline
 from mim_jax.data import transforms
 
+# The configs of the papers' headline results (configs/<name>.py): what the tests lower from
+# shapes and benchmarks/aot_table.py tabulates.
+PAPER_CONFIGS = (
+  "beitv2_vitb",
+  "beitv2_vitl",
+  "peco_vitb",
+  "peco_vitl",
+  "peco_mae_vitb",
+  "mapet_vitt",
+  "mapet_vits",
+  "mapet_vitb",
+  "ccvit_vitb",
+  "ccvit_vitl",
+  "caev2_vitt",
+  "caev2_vits",
+  "caev2_vitb",
+  "caev2_vitl",
+  "vqkd_vitb",
+  "peco_vqvae",
+)
+
 GIB = 1024**3
 
 

@@ -23,24 +23,7 @@ ABSENT = {
   "data.path": "/nonexistent/train.npz",
   "tokenizer.path": "/nonexistent/centroids",
 }
-PAPER_CONFIGS = [
-  "beitv2_vitb",
-  "beitv2_vitl",
-  "peco_vitb",
-  "peco_vitl",
-  "peco_mae_vitb",
-  "mapet_vitt",
-  "mapet_vits",
-  "mapet_vitb",
-  "ccvit_vitb",
-  "ccvit_vitl",
-  "caev2_vitt",
-  "caev2_vits",
-  "caev2_vitb",
-  "caev2_vitl",
-  "vqkd_vitb",
-  "peco_vqvae",
-]
+PAPER_CONFIGS = aot.PAPER_CONFIGS
 
 
 def _aot(tmp_path, name, *args, config="configs/ccvit_vitb.py:runlocal", timeout=300):

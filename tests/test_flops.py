@@ -11,25 +11,10 @@ from mim_jax import aot  # noqa: E402
 from mim_jax import config_lib  # noqa: E402
 from mim_jax import flops  # noqa: E402
 
-PAPER_CONFIGS = [
-  "beitv2_vitb",
-  "beitv2_vitl",
-  "peco_vitb",
-  "peco_vitl",
-  "peco_mae_vitb",
-  "mapet_vitt",
-  "mapet_vits",
-  "mapet_vitb",
+# The paper configs plus MaPeT's baselines and PeCo's VQ-VAE with its GAN term.
+PAPER_CONFIGS = list(aot.PAPER_CONFIGS) + [
   "mapet_vitb:mode=pim",
   "mapet_vitb:mode=mim",
-  "ccvit_vitb",
-  "ccvit_vitl",
-  "caev2_vitt",
-  "caev2_vits",
-  "caev2_vitb",
-  "caev2_vitl",
-  "vqkd_vitb",
-  "peco_vqvae",
   "peco_vqvae:gan",
 ]
 ALL_CONFIGS = PAPER_CONFIGS + [
