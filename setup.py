@@ -31,6 +31,7 @@ EXTRAS = {
   "test": [
     "pytest",
     "pytest-xdist==3.8.0",  # `make test` runs the suite on up to 4 worker processes
+    "pytest-timeout==2.4.0",  # a hung test fails alone (pytest.ini), not the whole CI run
     "ruff==0.17.6",  # `make lint`; its settings are in ruff.toml
     "torch==2.13.0",
     "torchvision==0.28.0",

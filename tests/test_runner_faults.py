@@ -8,9 +8,9 @@ The trainer runs as the command users type (subprocesses, one CPU device).
 import json
 import os
 import re
-import resource
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -204,12 +204,20 @@ def test_resume_with_a_changed_data_order_names_the_field(trained_workdir, tiny_
   assert checkpoint_steps(workdir)[-1] == 6
 
 
-def _limit_file_size(max_bytes):
-  def set_limit():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG errors instead of a kill
-    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+def _with_file_size_limit(cmd, max_bytes):
+  """`cmd` run under RLIMIT_FSIZE=max_bytes with SIGXFSZ ignored (EFBIG errors, not a kill).
 
-  return set_limit
+  The limit is set by a tiny Python that then execs `cmd`, not by subprocess's preexec_fn:
+  that runs Python in the forked child of this multithreaded test process (JAX's and libtpu's
+  threads), where a lock held by another thread at the fork deadlocks the child and with it
+  the parent's Popen, which no subprocess timeout covers.
+  """
+  setup = (
+    "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    f"resource.setrlimit(resource.RLIMIT_FSIZE, ({max_bytes}, {max_bytes})); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+  )
+  return [sys.executable, "-c", setup, *cmd]
 
 
 def test_full_disk_is_one_line_and_the_previous_checkpoint_survives(trained_workdir, tiny_npz):
@@ -217,13 +225,14 @@ def test_full_disk_is_one_line_and_the_previous_checkpoint_survives(trained_work
   # A real write failure from the OS (EFBIG) stands in for a full disk: no file may grow
   # past 4 KiB, so the next checkpoint's arrays cannot be written.
   result = subprocess.run(
-    train_cmd(workdir, tiny_flags(tiny_npz, total_steps=6, checkpoint_every=2)),
+    _with_file_size_limit(
+      train_cmd(workdir, tiny_flags(tiny_npz, total_steps=6, checkpoint_every=2)), 4096
+    ),
     env=train_env(),
     cwd=ROOT,
     capture_output=True,
     text=True,
     timeout=300,
-    preexec_fn=_limit_file_size(4096),
   )
   assert result.returncode == 4, result.stderr[-3000:]
   line = _error_line(result)
