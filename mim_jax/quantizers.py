@@ -59,6 +59,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from mim_jax import reductions
+
 # Matmuls on the (N, D) x (D, K) path run at full fp32 precision: accelerators would
 # otherwise use bf16/tf32 passes, and a changed argmin changes the whole update.
 _HIGHEST = lax.Precision.HIGHEST
@@ -137,7 +139,7 @@ def nearest_codes(flat: jax.Array, codebook: jax.Array) -> jax.Array:
     + jnp.sum(codebook * codebook, axis=1)
     - 2.0 * jnp.dot(flat, codebook.T, precision=_HIGHEST)
   )
-  return jnp.argmin(dist, axis=1).astype(jnp.int32)
+  return reductions.argmin(dist)
 
 
 def kmeans(

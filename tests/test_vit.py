@@ -603,3 +603,29 @@ def test_sincos_abs_pos_is_added_to_tokens():
   np.testing.assert_allclose(
     diff, np.broadcast_to(vit.sincos_2d_pos_embed((8, 8), 64), diff.shape), atol=1e-5
   )
+
+
+def test_dense_uses_one_row_matmul_on_cpu_and_the_3d_form_elsewhere():
+  """vit.Dense: the same parameters, values and gradients as nn.Dense; lowered for the CPU
+  its (B, N, D) product is one (B*N, D) matmul, lowered for a TPU it keeps the 3-D form."""
+  import re  # pylint: disable=g-import-not-at-top
+
+  x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+  ours, ref = vit.Dense(4, name="d"), nn.Dense(4, name="d")
+  params = ours.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref.init(jax.random.key(0), x))
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-6)
+  for a, b in zip(
+    jax.tree.leaves(jax.grad(loss(ours), argnums=(0, 1))(params, x)),
+    jax.tree.leaves(jax.grad(loss(ref), argnums=(0, 1))(params, x)),
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+  def dot_shapes(platform):
+    grad = jax.jit(jax.grad(loss(ours)))
+    text = grad.trace(params, x).lower(lowering_platforms=(platform,)).as_text()
+    return set(re.findall(r"dot_general.*?-> tensor<([\dx]+)xf32>", text))
+
+  assert "10x4" in dot_shapes("cpu") and "2x5x4" not in dot_shapes("cpu")
+  assert "2x5x4" in dot_shapes("tpu") and "10x4" not in dot_shapes("tpu")

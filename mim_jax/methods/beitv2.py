@@ -30,7 +30,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mim_jax import masking
 from mim_jax.data import transforms
@@ -69,7 +68,7 @@ class BEiTv2Model(nn.Module):
     )
     take = lambda x: jnp.take_along_axis(x, select[..., None], axis=1)
     norm = vit.layer_norm(kw.get("ln_eps", 1e-6), jnp.float32, "norm")
-    lm_head = nn.Dense(
+    lm_head = vit.Dense(
       self.vocab_size,
       dtype=dtype,
       name="lm_head",
@@ -100,7 +99,7 @@ class BEiTv2Model(nn.Module):
       agg_logits = head(x)
     else:
       own_norm = vit.layer_norm(kw.get("ln_eps", 1e-6), jnp.float32, "cls_pt_norm")
-      own_head = nn.Dense(
+      own_head = vit.Dense(
         self.vocab_size,
         dtype=dtype,
         name="cls_pt_lm_head",
@@ -207,14 +206,14 @@ class BEiTv2:
   def loss(self, params, extra, consts, batch, rng, train: bool = True):
     del extra
     logits, agg, targets = self.forward(params, consts, batch, rng, train)
-    ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, targets).mean()
+    ce = lambda z: common.token_cross_entropy(z, targets).mean()
     loss_main = ce(logits)
-    metrics = {"loss_main": loss_main, "token_acc": jnp.mean(jnp.argmax(logits, -1) == targets)}
+    metrics = {"loss_main": loss_main, "token_acc": common.token_accuracy(logits, targets)}
     loss = loss_main
     if agg is not None:
       loss_agg = ce(agg)
       loss = loss_main + loss_agg  # equal weights, engine_for_pretraining.py
-      metrics.update(loss_agg=loss_agg, token_acc_agg=jnp.mean(jnp.argmax(agg, -1) == targets))
+      metrics.update(loss_agg=loss_agg, token_acc_agg=common.token_accuracy(agg, targets))
     metrics["loss"] = loss
     return loss, metrics, {}
 

@@ -27,7 +27,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mim_jax import masking
 from mim_jax.data import transforms
@@ -61,7 +60,7 @@ class CCViTModel(nn.Module):
     )
     out = backbone(images, mask=mask, train=train, return_layers=(self.early_layers,))
     take = lambda x: jnp.take_along_axis(x, select[..., None], axis=1)
-    dense = lambda n, names, name: nn.Dense(
+    dense = lambda n, names, name: vit.Dense(
       n,
       dtype=dtype,
       name=name,
@@ -268,10 +267,10 @@ class CCViT:
     m = self.config.method
     logits, pixels, targets, pixel_targets, _ = self._forward(params, batch, consts, rng, train)
     logits = logits.astype(jnp.float32)
-    loss_token = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    loss_token = common.token_cross_entropy(logits, targets).mean()
     loss_pixel = jnp.mean((pixels.astype(jnp.float32) - pixel_targets) ** 2)
     loss = m.token_loss_weight * loss_token + m.pixel_loss_weight * loss_pixel
-    acc = jnp.mean(jnp.argmax(logits, -1) == targets)
+    acc = common.token_accuracy(logits, targets)
     metrics = {"loss": loss, "loss_token": loss_token, "loss_pixel": loss_pixel, "token_acc": acc}
     return loss, metrics, {}
 

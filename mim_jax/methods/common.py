@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mim_jax import quantizers
+from mim_jax import reductions
 from mim_jax.models import vit
 from mim_jax.teachers import clip
 from mim_jax.tokenizers import build_centroids
@@ -147,7 +148,7 @@ def aggregation_blocks(
 
 def xavier_dense(features: int, names: tuple, name: str, dtype, use_bias: bool = True):
   """Linear with xavier_uniform weights and zero bias (CAE's and MAE's `_init_weights`)."""
-  return nn.Dense(
+  return vit.Dense(
     features,
     use_bias=use_bias,
     dtype=dtype,
@@ -168,6 +169,25 @@ def visible_and_masked(mask: jax.Array, num_masked: int) -> tuple[jax.Array, jax
   """(visible (B, N - M), masked (B, M)) patch indices, each in raster order."""
   order = jnp.argsort(jnp.logical_not(mask), axis=1, stable=True)  # masked first, raster
   return jnp.sort(order[:, num_masked:], axis=1), order[:, :num_masked]
+
+
+# ------------------------------------------------------------------------------ token losses
+def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Cross-entropy per position of integer targets, (..., K) -> (...), equal in value to
+  optax.softmax_cross_entropy_with_integer_labels (logsumexp minus the target's logit).
+
+  The target's logit is picked by a one-hot product rather than a gather, so the gradient
+  reaching the LM head is one dense fused softmax - one_hot instead of a scatter into the
+  (positions, K) gradient (BENCHMARKS.md §11). Computed in fp32 whatever the logits' dtype.
+  """
+  logits = logits.astype(jnp.float32)
+  one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
+  return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(logits * one_hot, axis=-1)
+
+
+def token_accuracy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Fraction of positions whose highest logit is the target."""
+  return jnp.mean(reductions.argmax(logits) == targets)
 
 
 # ------------------------------------------------------------------------------ teachers

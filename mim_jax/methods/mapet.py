@@ -37,7 +37,6 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mim_jax import masking
 from mim_jax import two_stream
@@ -156,7 +155,7 @@ class MaPeTModel(nn.Module):
     else:
       out = x[:, x.shape[1] - pred.shape[1] :]  # the query stream
     out = vit._apply_norm(vit.layer_norm(1e-6, jnp.float32, "norm"), out)  # pylint: disable=protected-access
-    logits = nn.Dense(
+    logits = vit.Dense(
       self.vocab_size,
       dtype=dtype,
       name="decoder",
@@ -295,8 +294,8 @@ class MaPeT:
   def loss(self, params, extra, consts, batch, rng, train: bool = True):
     del extra
     logits, targets = self.forward(params, consts, batch, rng, train)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-    return loss, {"loss": loss, "token_acc": jnp.mean(jnp.argmax(logits, -1) == targets)}, {}
+    loss = common.token_cross_entropy(logits, targets).mean()
+    return loss, {"loss": loss, "token_acc": common.token_accuracy(logits, targets)}, {}
 
   @staticmethod
   def encoder_params(params):

@@ -21,7 +21,6 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mim_jax import masking
 from mim_jax.data import transforms
@@ -166,8 +165,8 @@ class PeCoMAE:
   def loss(self, params, extra, consts, batch, rng, train: bool = True):
     del extra
     logits, targets = self.forward(params, consts, batch, rng, train)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-    return loss, {"loss": loss, "token_acc": jnp.mean(jnp.argmax(logits, -1) == targets)}, {}
+    loss = common.token_cross_entropy(logits, targets).mean()
+    return loss, {"loss": loss, "token_acc": common.token_accuracy(logits, targets)}, {}
 
   @staticmethod
   def encoder_params(params):

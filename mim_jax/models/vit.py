@@ -13,11 +13,13 @@ Images are NHWC and already normalised. Token 0 is the cls token, patch tokens
 follow in row-major (h, w) order.
 """
 
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -221,6 +223,36 @@ def _apply_norm(norm: nn.LayerNorm, x: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------
 
 
+def _rows_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """lax.dot_general for nn.Dense; on CPU a (..., D) x (D, F) product runs as one (rows, D)
+  matmul.
+
+  Over (B, N, D) tokens the weight gradient of the 3-D form contracts two axes (batch and
+  tokens), which XLA:CPU does with a transposed copy of the incoming gradient and a slow
+  generic dot; flattened, it is one plain matmul (CCViT T/16 step: BENCHMARKS.md §11). On
+  TPU the same reshape costs relayout copies (197 tokens are not a multiple of the 8-row
+  tile: +46 % temporaries for that step on a v5e), so other platforms keep the 3-D form;
+  the choice is made when the step is lowered for its devices (`lax.platform_dependent`).
+  """
+  kw = dict(precision=precision, preferred_element_type=preferred_element_type)
+  (lhs_contract, rhs_contract), batch_dims = dimension_numbers
+  plain = lambda x, w: lax.dot_general(x, w, dimension_numbers, **kw)
+  if lhs.ndim <= 2 or rhs.ndim != 2 or any(batch_dims):
+    return plain(lhs, rhs)
+  if tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,):
+    return plain(lhs, rhs)
+
+  def rows(x, w):
+    y = lax.dot_general(x.reshape(-1, x.shape[-1]), w, (((1,), (0,)), ((), ())), **kw)
+    return y.reshape(*x.shape[:-1], w.shape[-1])
+
+  return lax.platform_dependent(lhs, rhs, cpu=rows, default=plain)
+
+
+# nn.Dense (same parameters, names and partitioning) with the CPU row layout above.
+Dense = functools.partial(nn.Dense, dot_general=_rows_dot_general)
+
+
 class RelativePositionBias(nn.Module):
   """Learned relative position bias table (zero init), gathered to (heads, N+1, N+1)."""
 
@@ -270,7 +302,7 @@ class Attention(nn.Module):
     head_dim = self.dim // self.num_heads
     n = length if self.kv_len is None else min(int(self.kv_len), length)
     kernel_init, bias_init = _dense_inits(self.weight_init, self.dim)
-    dense = nn.Dense(
+    dense = Dense(
       3 * self.dim,
       use_bias=False,
       dtype=self.dtype,
@@ -318,7 +350,7 @@ class Attention(nn.Module):
     out = jnp.einsum('bhqk,bhkd->bqhd', probs, v.astype(self.dtype))
     out = out.reshape(batch, length, self.dim)
     kernel_init, bias_init = _dense_inits(self.weight_init, self.dim)
-    return nn.Dense(
+    return Dense(
       self.dim,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
@@ -343,7 +375,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     kernel_init, bias_init = _dense_inits(self.weight_init, self.dim)
-    x = nn.Dense(
+    x = Dense(
       self.hidden_dim,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
@@ -353,7 +385,7 @@ class Mlp(nn.Module):
     )(x)
     x = nn.gelu(x, approximate=False)
     kernel_init, bias_init = _dense_inits(self.weight_init, self.hidden_dim)
-    return nn.Dense(
+    return Dense(
       self.dim,
       dtype=self.dtype,
       param_dtype=self.param_dtype,

@@ -34,6 +34,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from mim_jax import reductions
+
 DEFAULT_CHUNK_SIZE = 4096
 # `reseed_empty` moves at most this many empty clusters per iteration (the rest
 # keep their centroid and are re-seeded in later iterations); it bounds the
@@ -70,7 +72,7 @@ def _sq_distances_to_nearest(
     dots = jnp.dot(x, centroids.T, precision=lax.Precision.HIGHEST)
   # ||x||^2 is constant per row, so the argmin only needs ||c||^2 - 2 x.c.
   partial_dist = centroid_sq[None, :] - 2.0 * dots
-  ids = jnp.argmin(partial_dist, axis=1).astype(jnp.int32)
+  ids = reductions.argmin(partial_dist)  # jnp.argmin's index, several times faster on CPU
   best = jnp.take_along_axis(partial_dist, ids[:, None], axis=1)[:, 0]
   sq_dist = jnp.maximum(jnp.sum(x * x, axis=1) + best, 0.0)
   return ids, sq_dist
