@@ -409,6 +409,17 @@ def bench_variant(args, variant, batch_size, meter, log):
   )
   contenders = []  # (framework, dtype, run, info)
 
+  # What every contender is built from; each builder adds its own settings.
+  same = dict(
+    variant=variant,
+    batch_size=batch_size,
+    image_size=args.image_size,
+    k=args.k,
+    num_masked=num_masked,
+    num_replaced=num_replaced,
+    inputs=inputs,
+  )
+
   def build(builder, **kwargs):
     if args.same_process:
       return globals()[builder](**kwargs)
@@ -416,52 +427,19 @@ def bench_variant(args, variant, batch_size, meter, log):
 
   if not args.no_jax:
     for dtype in args.dtype:
-      run, info = build(
-        'build_jax',
-        variant=variant,
-        batch_size=batch_size,
-        image_size=args.image_size,
-        dtype=dtype,
-        k=args.k,
-        num_masked=num_masked,
-        num_replaced=num_replaced,
-        inputs=inputs,
-        overrides=args.set,
-      )
+      run, info = build('build_jax', dtype=dtype, overrides=args.set, **same)
       log(
         f'  jax {dtype}: build {info["build_s"]:.1f}s, first call '
         f'(compile + 1 step) {info["first_s"]:.1f}s'
       )
       contenders.append(('JAX (mim_jax)', dtype, run, info))
   if not args.no_torch:
-    run, info = build(
-      'build_torch',
-      variant=variant,
-      batch_size=batch_size,
-      image_size=args.image_size,
-      k=args.k,
-      num_masked=num_masked,
-      num_replaced=num_replaced,
-      inputs=inputs,
-      compile_model=False,
-      threads=args.torch_threads,
-    )
+    run, info = build('build_torch', compile_model=False, threads=args.torch_threads, **same)
     log(f'  torch eager: build {info["build_s"]:.1f}s, first step {info["first_s"]:.1f}s')
     contenders.append(('PyTorch eager (timm)', 'fp32', run, info))
     if args.torch_compile:
       t0 = time.perf_counter()
-      run, info = build(
-        'build_torch',
-        variant=variant,
-        batch_size=batch_size,
-        image_size=args.image_size,
-        k=args.k,
-        num_masked=num_masked,
-        num_replaced=num_replaced,
-        inputs=inputs,
-        compile_model=True,
-        threads=args.torch_threads,
-      )
+      run, info = build('build_torch', compile_model=True, threads=args.torch_threads, **same)
       log(
         f'  torch.compile: first step (compile) {info["first_s"]:.1f}s '
         f'(total {time.perf_counter() - t0:.1f}s)'
