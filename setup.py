@@ -23,6 +23,8 @@ INSTALL_REQUIRES = [
   "pillow==13.0.0",
   "absl-py",
   "matplotlib",
+  # Weights out (`python -m mim_jax.export`): the format timm and the Hugging Face Hub read.
+  "safetensors==0.8.0",
 ]
 
 EXTRAS = {

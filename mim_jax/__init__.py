@@ -24,3 +24,13 @@ def _skip_absent_tpu() -> None:
 
 
 _skip_absent_tpu()
+
+
+def __getattr__(name):
+  """`mim_jax.load_encoder` (mim_jax/encoders.py), imported on first use so that
+  `import mim_jax` stays light."""
+  if name in ("load_encoder", "Encoder"):
+    from mim_jax import encoders  # pylint: disable=g-import-not-at-top
+
+    return getattr(encoders, name)
+  raise AttributeError(f"module 'mim_jax' has no attribute {name!r}")

@@ -109,6 +109,10 @@ def base_config() -> mlc.ConfigDict:
   c.batch_size = 2048  # global, over all processes and devices
   c.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16'
   c.vis_every = 0  # a PNG of the method's view every N steps (0: at the end)
+  # A `python -m mim_jax.export --format=full` folder: a new run starts from its parameters
+  # and mutable state at its step (the optimizer's moments start at zero); a workdir that
+  # already has a checkpoint resumes from that instead (docs/export.md).
+  c.init_from = ""
   add_runner_fields(c)
 
   # Device mesh: axis sizes (-1: all remaining devices). The batch is split over

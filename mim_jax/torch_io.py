@@ -34,3 +34,21 @@ def load_file(path: str, *, what: str, convert_hint: str = "") -> Any:
       path,
     )
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def import_timm(what: str):
+  """(torch, timm) for `what`; one line naming the missing package otherwise. Applies the
+  torchvision operator shim first (mim_jax/testing/torch_compat.py: a CUDA torchvision
+  next to the CPU torch breaks `import timm`)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"{what} needs torch and timm (pip install torch timm)") from e
+  from mim_jax.testing import torch_compat  # pylint: disable=g-import-not-at-top
+
+  torch_compat.install()
+  try:
+    import timm  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"{what} needs timm (pip install timm)") from e
+  return torch, timm

@@ -37,7 +37,10 @@ from mim_jax import sharding
 from mim_jax.data import pipeline as data_pipeline
 from mim_jax.data import sources as data_sources
 from mim_jax.data import transforms
+from mim_jax.evaluation import backbones
 from mim_jax.evaluation import monitor
+from mim_jax.models import convert
+from mim_jax.models import exported
 
 ConfigError = runner.ConfigError
 
@@ -142,7 +145,13 @@ class Trainer:
     frozen_sh = jax.tree.map(lambda _: sharding.replicated(self.mesh), consts)
     return jax.device_put(consts, frozen_sh), frozen_sh
 
-  def init_state(self, sample_batch, state_sh) -> dict:
+  def init_state(self, sample_batch, state_sh, state_abs=None) -> dict:
+    state = self._init_state(sample_batch, state_sh)
+    if self.config.get("init_from"):
+      state = init_from_export(self.config.init_from, state, state_abs, state_sh)
+    return state
+
+  def _init_state(self, sample_batch, state_sh) -> dict:
     rng = jax.random.PRNGKey(self.config.seed)
 
     def init(rng):
@@ -270,6 +279,70 @@ def build_step_for_benchmark(config, batch_inputs: dict | None = None):
   )
 
 
+# --------------------------------------------------------------------------- init_from
+def check_init_from(path: str, method_name: str, fingerprint: dict) -> dict:
+  """The manifest of a full export, checked against this run before anything is built."""
+  if exported.kind(path) != "full":
+    raise runner.ConfigError(
+      f"config.init_from: {path} is not a `mim_jax.export --format=full` folder "
+      f"(no {exported.FULL_MANIFEST}); to resume a workdir, pass it as --workdir"
+    )
+  try:
+    with open(os.path.join(path, exported.FULL_MANIFEST)) as f:
+      manifest = json.load(f)
+  except (OSError, ValueError) as e:
+    raise runner.ConfigError(f"config.init_from: {path}: unreadable manifest ({e})") from None
+  if manifest.get("method") != method_name:
+    raise runner.ConfigError(
+      f"config.init_from: {path} holds a {manifest.get('method')!r} model, this run is "
+      f"{method_name!r}"
+    )
+  saved = manifest.get("fingerprint", {})
+  for key in sorted(set(saved) | set(fingerprint)):
+    if key != "model.scan_layers" and saved.get(key) != fingerprint.get(key):
+      raise runner.ConfigError(
+        f"config.init_from: {path} was trained with {key}={saved.get(key)!r}, this run has "
+        f"{fingerprint.get(key)!r}"
+      )
+  return manifest
+
+
+def _match_layout(loaded, abstract):
+  """Stacks `X_0..X_n` into `X` or unstacks it, wherever the run's layout differs from the
+  export's (model.scan_layers may change between the two)."""
+  if not isinstance(abstract, dict) or not isinstance(loaded, dict):
+    return loaded
+  out = dict(loaded)
+  for key in abstract:
+    if key not in out and f"{key}_0" in out:
+      out = convert.stack_layers(out, prefix=key)
+  for key in list(out):
+    if key not in abstract and f"{key}_0" in abstract:
+      out = convert.unstack_layers(out, prefix=key)
+  return {k: _match_layout(v, abstract.get(k)) for k, v in out.items()}
+
+
+def init_from_export(path: str, state: dict, state_abs: dict, state_sh: dict) -> dict:
+  """`state` with the export's parameters, mutable collections and step (every parameter
+  must be there: a partial start is an error, never a silent one)."""
+  loaded, manifest = exported.read_full(path)
+  new = dict(state)
+  for part in ("params", "extra"):
+    tree = _match_layout(loaded[part], state_abs[part])
+    try:
+      merged, fresh = backbones.merge_into(state[part], tree, where=part, place=state_sh[part])
+    except ValueError as e:
+      raise runner.ConfigError(f"config.init_from: {path}: {e}") from None
+    if fresh:
+      raise runner.ConfigError(
+        f"config.init_from: {path} lacks {len(fresh)} tensors of this model, e.g. {fresh[:3]}"
+      )
+    new[part] = merged
+  new["step"] = jax.device_put(jnp.asarray(manifest["step"], jnp.int32), state_sh["step"])
+  logging.info("started from %s (%s step %d)", path, manifest["method"], manifest["step"])
+  return new
+
+
 # --------------------------------------------------------------------------- the run
 def _write_png(path: str, image: np.ndarray) -> None:
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -305,6 +378,8 @@ def _setup(config, workdir):
   source = data_sources.build_source(config.data)
   method = methods.build(config, workdir=workdir, source=source)
   ckpt_lib.check_config_compatible(workdir, method.fingerprint())
+  if config.get("init_from"):
+    check_init_from(config.init_from, config.method.name, method.fingerprint())
   loader = make_loader(config, method, source, mesh)
   ckpt_lib.write_config(workdir, config.to_json_best_effort(), method.fingerprint())
   logging.info(
@@ -347,7 +422,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     rules=trainer.rules,
     state_abs=state_abs,
     state_sh=state_sh,
-    init_state=lambda: trainer.init_state(sample, state_sh),
+    init_state=lambda: trainer.init_state(sample, state_sh, state_abs),
     step=trainer.step_fn(),
     split_step=trainer.split_step(),
     loader=loader,

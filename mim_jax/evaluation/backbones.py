@@ -8,6 +8,8 @@ r"""Pre-trained encoders for evaluation: loading, architecture inference, rel-po
     layout, shared `rel_pos_bias.*` table) or a CAE v2 encoder (`encoder.*` keys, fixed 2-D
     sin-cos `pos_embed`, no relative position bias), docs/reference_details.md#beit-v2-backbone
     and #cae-v2-encoder;
+  * a folder written by `python -m mim_jax.export` (timm safetensors + config.json, or the
+    full export's safetensors + manifest), checked against what it declares first;
   * a converted `.npz` (`python -m mim_jax.evaluation.backbones --checkpoint=X.pth
     --out=X.npz`, which needs torch once; the .npz carries its own spec);
   * 'random': a randomly initialised encoder of config.model's architecture (the baseline).
@@ -37,6 +39,7 @@ import numpy as np
 from mim_jax import checkpoint
 from mim_jax import torch_io
 from mim_jax.models import convert
+from mim_jax.models import exported
 from mim_jax.models import vit
 
 _BLOCK = re.compile(r"^blocks_(\d+)$")
@@ -58,6 +61,9 @@ class BackboneSpec:
   k_bias: bool = False
   use_mask_token: bool = False
   grid: tuple[int, int] | None = None  # the pre-training grid (rel-pos / pos_embed), if known
+  # False for a fine-tuned classifier that pools with its own fc_norm (timm global_pool='avg',
+  # MaPeT's released models): the tokens then leave the last block without a norm.
+  final_norm: bool = True
   source: str = ""
 
   def vit_kwargs(self, **over) -> dict:
@@ -72,6 +78,7 @@ class BackboneSpec:
       layer_scale_init=0.1 if self.layer_scale else None,
       k_bias=self.k_bias,
       use_mask_token=self.use_mask_token,
+      final_norm=self.final_norm,
     )
     kw.update(over)
     return kw
@@ -135,7 +142,7 @@ def infer_spec(
   if not num_heads:
     raise ValueError(
       f"{source}: the head count is not stored in these weights; set "
-      f"config.model.heads (or config.model.variant)"
+      f"config.model.heads (or config.model.variant; load_encoder(..., heads=H))"
     )
   if dim % num_heads:
     raise ValueError(f"{source}: width {dim} is not divisible by {num_heads} heads")
@@ -158,6 +165,7 @@ def infer_spec(
     use_mask_token="mask_token" in params,
     grid=grid,
     source=source,
+    final_norm="norm" in params,
   )
 
 
@@ -207,14 +215,20 @@ def load_workdir(workdir: str, model_cfg=None, step: int | None = None):
   except FileNotFoundError as e:
     field = "config.init_step" if step is not None else "config.init"
     raise FileNotFoundError(f"{field}: {e}") from None
-  saved_model, method = {}, ""
   try:
     saved = checkpoint.saved_config(workdir)
-    saved_model, method = saved.get("model", {}), saved.get("method", {}).get("name", "")
   except (OSError, KeyError, json.JSONDecodeError):
     logging.warning(
       "%s has no readable config.json; the head count comes from config.model", workdir
     )
+    saved = {}
+  return encoder_from_trained(params, saved, model_cfg, source=workdir, step=step)
+
+
+def encoder_from_trained(params: dict, saved: dict, model_cfg=None, *, source: str, step: int):
+  """(encoder params, spec) from every trained parameter of a method and its saved config."""
+  saved_model = saved.get("model", {})
+  method = saved.get("method", {}).get("name", "")
   # The method knows where its encoder is (and drops MaPeT's query stream, CAE v2's
   # regressor, BEiT v2's aggregation head); without a config, 'backbone' is the convention.
   from mim_jax import methods  # pylint: disable=g-import-not-at-top
@@ -225,7 +239,7 @@ def load_workdir(workdir: str, model_cfg=None, step: int | None = None):
     encoder = params.get("backbone")
   if encoder is None:
     raise ValueError(
-      f"{workdir}: the checkpoint has no 'backbone' parameters (top-level keys {sorted(params)})"
+      f"{source}: the checkpoint has no 'backbone' parameters (top-level keys {sorted(params)})"
     )
   encoder = _unstack_if_scanned(_to_numpy_tree(encoder))
   heads = _heads_from_config(saved_model) or _heads_from_config(model_cfg)
@@ -234,13 +248,54 @@ def load_workdir(workdir: str, model_cfg=None, step: int | None = None):
     encoder,
     num_heads=heads,
     abs_pos=abs_pos,
-    source=f"{workdir} ({method or 'mim_jax'} step {step})",
+    source=f"{source} ({method or 'mim_jax'} step {step})",
   )
   return encoder, spec
 
 
+def load_timm_export(path: str, model_cfg=None):
+  """(params, spec) of a `mim_jax.export --format=timm` folder (checked against its
+  config.json first)."""
+  tensors, cfg = exported.read_timm(path)
+  heads = {"heads": int(cfg["model_args"]["num_heads"])}
+  return from_torch_state_dict(tensors, heads, source=path)
+
+
+def load_full_export(path: str, model_cfg=None):
+  """(encoder params, spec) of a `mim_jax.export --format=full` folder."""
+  state, manifest = exported.read_full(path)
+  return encoder_from_trained(
+    state["params"], manifest.get("config", {}), model_cfg, source=path, step=manifest.get("step")
+  )
+
+
+# Head counts of the timm / official model names a checkpoint may carry (MaPeT's timm
+# CheckpointSaver stores 'arch' and the argparse 'args'; its weights do not fix the heads).
+_SIZE_HEADS = {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16}
+
+
+def heads_from_checkpoint_names(obj) -> int | None:
+  """The head count a checkpoint's model name implies ('vit_base_patch16_224' -> 12)."""
+  if not isinstance(obj, dict):
+    return None
+  names = [obj.get("arch")]
+  args = obj.get("args")
+  names += [getattr(args, "model", None), getattr(args, "arch", None)]
+  for name in names:
+    if isinstance(name, str):
+      for size, heads in _SIZE_HEADS.items():
+        if re.search(rf"(^|_){size}(_|$)", name):
+          return heads
+  return None
+
+
 def load_torch_state_dict(path: str) -> dict:
   """torch.load on CPU (weights only first), unwrapping {'model': ...} / {'module': ...}."""
+  return _read_torch(path)[0]
+
+
+def _read_torch(path: str) -> tuple[dict, int | None]:
+  """(state dict, head count implied by the checkpoint's model name or None)."""
   sd = torch_io.load_file(
     path,
     what="checkpoint (config.init)",
@@ -248,10 +303,11 @@ def load_torch_state_dict(path: str) -> dict:
     f"mim_jax.evaluation.backbones --checkpoint={path} "
     f"--out=X.npz` and pass the .npz",
   )
+  heads = heads_from_checkpoint_names(sd)
   for wrapper in ("model", "module", "state_dict"):
     if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
       sd = sd[wrapper]
-  return sd
+  return sd, heads
 
 
 def from_torch_state_dict(sd: dict, model_cfg=None, source: str = ""):
@@ -331,13 +387,21 @@ def load(init: str, model_cfg=None, step: int | None = None):
       "checkpoint, or 'random' for the random-init baseline"
     )
   if os.path.isdir(init):
+    kind = exported.kind(init)
+    if kind == "timm":
+      return load_timm_export(init, model_cfg)
+    if kind == "full":
+      return load_full_export(init, model_cfg)
     return load_workdir(init, model_cfg, step)
   if not os.path.exists(init):
     raise FileNotFoundError(f"config.init: {init} does not exist")
   if init.endswith(".npz"):
     return load_npz(init, model_cfg)
   if init.endswith(TORCH_SUFFIXES):
-    return from_torch_state_dict(load_torch_state_dict(init), model_cfg, source=init)
+    sd, heads = _read_torch(init)
+    if heads and not _heads_from_config(model_cfg):
+      model_cfg = {"heads": heads}
+    return from_torch_state_dict(sd, model_cfg, source=init)
   raise ValueError(
     f"config.init: {init} is neither a workdir nor a .npz / {'/'.join(TORCH_SUFFIXES)} checkpoint"
   )

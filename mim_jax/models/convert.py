@@ -6,9 +6,12 @@ Accepts the timm `Beit` key layout (timm 1.0.31) and the official BEiT v2
 (shared table), `blocks.{i}.{norm1,norm2,attn.qkv,attn.proj,mlp.fc1,mlp.fc2}.*`,
 `blocks.{i}.attn.{q_bias,v_bias,relative_position_bias_table}`,
 `blocks.{i}.gamma_1/gamma_2` (timm's newer ViTs call layer scale `ls1.gamma`,
-accepted too) and `norm.*`. Index buffers (`relative_position_index`, `k_bias`)
-are rebuilt by the model and dropped silently; every other key that has no home
-(lm_head, cls_pt_layers, head, fc_norm, ...) is reported as unused.
+accepted too) and `norm.*`. timm's `VisionTransformer` layout is read too: its one
+`attn.qkv.bias` is split into q, k and v biases (a learned k bias, as MaPeT's ViT has), and
+so is MaPeT's own layout with separate `attn.q` and `attn.kv` layers.
+Index buffers (`relative_position_index`, `k_bias`) are rebuilt by the model and dropped
+silently; every other key that has no home (lm_head, cls_pt_layers, head, fc_norm, ...) is
+reported as unused.
 
 Only numpy is used here; torch tensors are converted with .detach().cpu().numpy().
 """
@@ -62,6 +65,29 @@ _TOP_KEYS = {
 
 _BLOCK_RE = re.compile(r'^blocks\.(\d+)\.(.+)$')
 
+# aimagelab/MaPeT:models/vision_transformer/vision_transformer.py: `attn.q` (D -> D) and
+# `attn.kv` (D -> 2D, k rows first), both with biases; one qkv kernel with q/k/v biases here.
+_SPLIT_QKV = ('attn.q.weight', 'attn.q.bias', 'attn.kv.weight', 'attn.kv.bias')
+
+
+def _set_split_qkv(params: dict, layer: int, parts: dict, prefix: str) -> None:
+  absent = [k for k in _SPLIT_QKV if k not in parts]
+  if absent:
+    raise ValueError(
+      f'block {layer} has attn.q / attn.kv but no {prefix}blocks.{layer}.{absent[0]}'
+    )
+  q_w, kv_w = parts['attn.q.weight'], parts['attn.kv.weight']
+  dim = q_w.shape[0]
+  if q_w.shape != (dim, dim) or kv_w.shape != (2 * dim, dim):
+    raise ValueError(
+      f'block {layer}: attn.q {q_w.shape} / attn.kv {kv_w.shape} are not (D, D) / (2D, D)'
+    )
+  attn = (f'blocks_{layer}', 'attn')
+  _set(params, attn + ('qkv', 'kernel'), np.ascontiguousarray(np.concatenate([q_w, kv_w]).T))
+  k_b, v_b = np.split(parts['attn.kv.bias'], 2)
+  for name, value in (('q_bias', parts['attn.q.bias']), ('k_bias', k_b), ('v_bias', v_b)):
+    _set(params, attn + (name,), np.ascontiguousarray(value))
+
 
 def _to_numpy(value: Any) -> np.ndarray:
   if hasattr(value, 'detach'):  # a torch tensor
@@ -113,7 +139,7 @@ def beit_from_torch(
   for wrapper in ('model', 'module'):
     if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
       state_dict = state_dict[wrapper]
-  params, unused, seen_blocks = {}, [], set()
+  params, unused, seen_blocks, split_qkv = {}, [], set(), {}
   for key, value in state_dict.items():
     if not key.startswith(prefix):
       continue
@@ -121,6 +147,20 @@ def beit_from_torch(
     if name.endswith(_DERIVED_SUFFIXES):
       continue
     match = _BLOCK_RE.match(name)
+    if match and match.group(2) in _SPLIT_QKV:  # MaPeT: separate q and kv layers
+      layer = int(match.group(1))
+      if layer >= depth:
+        raise ValueError(f'checkpoint key {key!r} is beyond depth={depth}')
+      split_qkv.setdefault(layer, {})[match.group(2)] = _to_numpy(value).astype(dtype)
+      continue
+    if match and match.group(2) == 'attn.qkv.bias':  # timm ViT: one (q, k, v) bias
+      layer = int(match.group(1))
+      if layer >= depth:
+        raise ValueError(f'checkpoint key {key!r} is beyond depth={depth}')
+      q, k, v = np.split(_to_numpy(value).astype(dtype), 3)
+      for part, array in (('q_bias', q), ('k_bias', k), ('v_bias', v)):
+        _set(params, (f'blocks_{layer}', 'attn', part), np.ascontiguousarray(array))
+      continue
     if match and match.group(2) in _BLOCK_KEYS:
       layer = int(match.group(1))
       if layer >= depth:
@@ -138,6 +178,9 @@ def beit_from_torch(
       array = array.astype(dtype)
     _set(params, path, np.ascontiguousarray(array))
 
+  for layer, parts in sorted(split_qkv.items()):
+    _set_split_qkv(params, layer, parts, prefix)
+    seen_blocks.add(layer)
   missing = sorted(set(range(depth)) - seen_blocks)
   if missing:
     raise ValueError(

@@ -5,7 +5,7 @@ its C++ operators do not load and `import torchvision` fails with
 "operator torchvision::nms does not exist", which breaks timm and open_clip.
 Declaring the two missing operator schemas before the first import is enough for
 the model code we compare against (torchvision's own C++ ops stay unusable).
-Only tests and benchmarks import this module.
+Tests, benchmarks and the check of `python -m mim_jax.export` import this module.
 """
 
 _LIB = None
