@@ -40,6 +40,10 @@ EXTRAS = {
     "timm==1.0.31",
     "open_clip_torch==3.3.0",
     "faiss-cpu==1.15.1",
+    # The notebooks in colabs/ run in the suite (tests/test_notebooks.py).
+    "nbclient==0.11.0",
+    "nbformat==5.11.1",
+    "ipykernel==7.4.0",
   ],
   # Compile-only TPU targets (`python -m mim_jax.aot`, docs/aot.md): jax 0.10.2's own `tpu`
   # extra pins libtpu 0.0.42.*; bump the two together. ~700 MB, Google Cloud Platform Terms

@@ -487,4 +487,5 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
+  flags.adopt_module_key_flags(runner)  # --config, --workdir in --help
   app.run(main, flags_parser=runner.parse_flags)

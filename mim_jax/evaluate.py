@@ -27,6 +27,7 @@ import json
 import os
 
 from absl import app
+from absl import flags
 from absl import logging
 import flax.linen as nn
 import jax
@@ -574,4 +575,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  flags.adopt_module_key_flags(runner)  # --config, --workdir in --help
   app.run(main, flags_parser=runner.parse_flags)

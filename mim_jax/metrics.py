@@ -13,6 +13,7 @@ from typing import Mapping
 from absl import logging
 import jax
 
+from mim_jax import cli
 from mim_jax import perf
 
 
@@ -25,6 +26,7 @@ def preload_writers() -> threading.Thread:
 
 
 def _import_writers():
+  cli.quiet_tensorflow()
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
 
   return metric_writers

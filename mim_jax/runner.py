@@ -42,6 +42,7 @@ import numpy as np
 import optax
 
 from mim_jax import checkpoint as ckpt_lib
+from mim_jax import cli
 from mim_jax import compile_cache
 from mim_jax import distributed
 from mim_jax import metrics as metrics_lib
@@ -142,9 +143,9 @@ def parse_flags(argv):
   """absl flag parsing whose errors (bad config file/field/type) are one line."""
   spec = _config_arg(argv)
   try:
-    if spec is not None:
+    if spec is not None and not any(a in cli.HELP_ARGS for a in argv[1:]):
       check_config_file(spec)
-    return flags.FLAGS(argv)
+    return cli.parse(argv)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
   except flags.Error as e:

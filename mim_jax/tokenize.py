@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 import numpy as np
 
+from mim_jax import cli
 from mim_jax import distributed
 from mim_jax.data import pipeline as data_pipeline
 from mim_jax.data import sources as data_sources
@@ -193,4 +194,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse)

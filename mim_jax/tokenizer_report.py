@@ -30,6 +30,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from mim_jax import cli
+
 MASK_RATIOS = (0.1, 0.2, 0.5)
 NOISE_SIGMAS = (1.0, 10.0, 25.0)
 BLUR_SIGMAS = (0.5, 1.0, 2.0)
@@ -163,8 +165,11 @@ def code_grid(
   seed: int = 0,
   patch_px: int = 32,
 ) -> np.ndarray:
-  """uint8 picture: one row per code (the most frequent ones), patches that share it."""
+  """uint8 picture: one row per code (the most frequent ones, titled with the code and its
+  count), patches that share it."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  from mim_jax import visual  # pylint: disable=g-import-not-at-top
 
   b, h, w, _ = images.shape
   gh, gw = grid
@@ -174,20 +179,17 @@ def code_grid(
   codes = np.argsort(-counts, kind="stable")[:num_codes]
   codes = codes[counts[codes] > 0]
   rng = np.random.default_rng(seed)
-  gap = 2
-  canvas = np.full((len(codes) * (patch_px + gap), per_code * (patch_px + gap), 3), 96, np.uint8)
-  for r, code in enumerate(codes):
+  rows = []
+  for code in codes:
     where = np.argwhere(flat == code)
     pick = where[rng.permutation(len(where))[:per_code]]
-    for c, (i, j) in enumerate(pick):
+    patches = []
+    for i, j in pick:
       y, x = divmod(int(j), gw)
       patch = images[i, y * ph : (y + 1) * ph, x * pw : (x + 1) * pw]
-      patch = np.asarray(Image.fromarray(patch).resize((patch_px, patch_px), Image.NEAREST))
-      canvas[
-        r * (patch_px + gap) : r * (patch_px + gap) + patch_px,
-        c * (patch_px + gap) : c * (patch_px + gap) + patch_px,
-      ] = patch
-  return canvas
+      patches.append(np.asarray(Image.fromarray(patch).resize((patch_px, patch_px), Image.NEAREST)))
+    rows.append((f"code {int(code)} ({int(counts[code])} patches)", np.stack(patches)))
+  return visual.labelled_grid(rows, ["patches that share the code"], cell=patch_px)
 
 
 # ------------------------------------------------------------------ CLI
@@ -291,4 +293,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse)

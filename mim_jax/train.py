@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 from absl import app
+from absl import flags
 from absl import logging
 import flax.linen as nn
 import jax
@@ -434,7 +435,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     log_hook_every=knn_monitor.every if knn_monitor else 0,
     on_vis=vis,
     vis_every=config.vis_every,
-    at_end=None if config.vis_every else vis,
+    # The picture of the final state, unless the last periodic one already is.
+    at_end=None if config.vis_every and config.total_steps % config.vis_every == 0 else vis,
   )
   try:
     return runner.run(job)
@@ -450,4 +452,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  flags.adopt_module_key_flags(runner)  # --config, --workdir in --help
   app.run(main, flags_parser=runner.parse_flags)

@@ -30,6 +30,8 @@ import zipfile
 import numpy as np
 from PIL import Image
 
+from mim_jax import cli
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp')
 SOURCE_KINDS = ('tfds', 'imagefolder', 'npz', 'embedded')
 
@@ -165,6 +167,7 @@ class TfdsSource:
     self._data_source = self._open()
 
   def _open(self):
+    cli.quiet_tensorflow()
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     try:
@@ -495,6 +498,7 @@ def validate_data_config(cfg: Any, split: str | None = None) -> None:
     name = _get(cfg, 'name')
     if not name:
       raise ValueError('config.data.name: the tfds source needs a dataset name (e.g. imagenet2012)')
+    cli.quiet_tensorflow()
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     data_dir = _get(cfg, 'data_dir') or None

@@ -552,11 +552,14 @@ def _main(argv=None) -> None:
   import argparse  # pylint: disable=g-import-not-at-top
 
   parser = argparse.ArgumentParser(
-    description="Convert an official BEiT v2 / CAE v2 encoder "
-    "checkpoint (.pth) to a mim_jax .npz (needs torch)."
+    prog="python -m mim_jax.evaluation.backbones",
+    description="Convert an official BEiT v2 / PeCo / CCViT / CAE v2 / MaPeT encoder "
+    "checkpoint (.pth) to a mim_jax .npz, so that evaluation runs without torch.",
+    epilog="example: python -m mim_jax.evaluation.backbones --checkpoint=beitv2_base.pth "
+    "--out=beitv2_base.npz",
   )
-  parser.add_argument("--checkpoint", required=True)
-  parser.add_argument("--out", required=True)
+  parser.add_argument("--checkpoint", required=True, help="the official .pth / .pth.tar")
+  parser.add_argument("--out", required=True, help="the .npz to write")
   parser.add_argument(
     "--heads",
     type=int,
@@ -565,9 +568,10 @@ def _main(argv=None) -> None:
   )
   args = parser.parse_args(argv)
   model_cfg = {"heads": args.heads} if args.heads else None
-  params, spec = from_torch_state_dict(
-    load_torch_state_dict(args.checkpoint), model_cfg, source=args.checkpoint
-  )
+  sd, heads = _read_torch(args.checkpoint)
+  if heads and not model_cfg:
+    model_cfg = {"heads": heads}
+  params, spec = from_torch_state_dict(sd, model_cfg, source=args.checkpoint)
   save_npz(args.out, params, spec)
   print(f"wrote {args.out}: {spec}")
 

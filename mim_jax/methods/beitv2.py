@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mim_jax import masking
+from mim_jax import visual
 from mim_jax.data import transforms
 from mim_jax.methods import common
 from mim_jax.methods import token_targets
@@ -222,8 +223,8 @@ class BEiTv2:
     return dict(params["backbone"], norm=params["norm"])
 
   def visualize(self, params, extra, consts, batch, max_images: int = 8) -> np.ndarray:
-    """Rows: input | masked input (grey) | patches whose predicted token is right (green
-    tint) or wrong (red tint) at the masked positions."""
+    """Rows: input | masked (grey) | predicted tokens at the masked patches, right (green
+    tint) or wrong (red tint); columns: the images, with their share of right tokens."""
     del extra
     batch = {k: jnp.asarray(v[:max_images]) for k, v in batch.items()}
     logits, _, targets = jax.jit(lambda p, b: self.forward(p, consts, b, None, False))(
@@ -232,17 +233,16 @@ class BEiTv2:
     right = np.asarray(jnp.argmax(logits, -1) == targets)
     select = np.asarray(common.selected_positions(batch["mask"], self.config.method.num_masked))
     img = np.asarray(batch["image"], np.float32) / 255.0
+    b, n = img.shape[0], self.grid[0] * self.grid[1]
+    flags = {"masked": np.zeros((b, n), bool), "right": np.zeros((b, n), bool)}
+    for i in range(b):
+      flags["masked"][i, select[i]] = True
+      flags["right"][i, select[i][right[i]]] = True
     p, gw = self.patch, self.grid[1]
-    masked, verdict = img.copy(), img.copy()
-    for b in range(img.shape[0]):
-      for j, pos in enumerate(select[b]):
-        r, c = divmod(int(pos), gw)
-        sl = (b, slice(r * p, (r + 1) * p), slice(c * p, (c + 1) * p))
-        masked[sl] = 0.5
-        tint = np.array([0.2, 0.9, 0.2] if right[b, j] else [0.9, 0.2, 0.2], np.float32)
-        verdict[sl] = 0.5 * verdict[sl] + 0.5 * tint
-    rows = [np.concatenate(list(r), axis=1) for r in (img, masked, verdict)]
-    grid = np.concatenate(rows, axis=0)
-    scale = max(1, 128 // self.config.data.image_size)
-    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    return (np.clip(grid, 0, 1) * 255).astype(np.uint8)
+    masked = visual.tint(img, flags["masked"], (0.5, 0.5, 0.5), p, gw, alpha=1.0)
+    verdict = visual.tint(img, flags["right"], (0.2, 0.9, 0.2), p, gw)
+    verdict = visual.tint(verdict, flags["masked"] & ~flags["right"], (0.9, 0.2, 0.2), p, gw)
+    cols = [f"#{i + 1}: {int(right[i].sum())}/{right.shape[1]} right" for i in range(b)]
+    return visual.labelled_grid(
+      [("input", img), ("masked", masked), ("predicted (green = right)", verdict)], cols
+    )

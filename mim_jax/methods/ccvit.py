@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mim_jax import masking
+from mim_jax import visual
 from mim_jax.data import transforms
 from mim_jax.methods import common
 from mim_jax.models import vit
@@ -100,6 +101,14 @@ def per_patch_normalize(patches: jax.Array, eps: float = 1e-6) -> jax.Array:
   mean = patches.mean(-1, keepdims=True)
   var = patches.var(-1, ddof=1, keepdims=True)
   return (patches - mean) / jnp.sqrt(var + eps)
+
+
+def per_patch_denormalize(normalized: jax.Array, original: jax.Array, eps: float = 1e-6):
+  """Inverse of `per_patch_normalize` with the statistics of `original` (MAE's way of showing
+  a per-patch-normalised prediction in pixel space)."""
+  mean = original.mean(-1, keepdims=True)
+  std = jnp.sqrt(original.var(-1, ddof=1, keepdims=True) + eps)
+  return normalized * std + mean
 
 
 class CCViT:
@@ -279,25 +288,36 @@ class CCViT:
     return params["backbone"]
 
   def visualize(self, params, extra, consts, batch, max_images: int = 4) -> np.ndarray:
-    """Rows: input | corrupted (masked grey, replaced = centroids) | predicted tokens'
-    centroids at masked ∪ replaced | the tokenizer's own reconstruction."""
+    """Rows: input | masked (grey) and replaced (their centroid) | predicted tokens'
+    centroids at masked + replaced | the pixel block's prediction in pixel space (its
+    per-patch-normalised output de-normalised with each original patch's mean and variance,
+    as MAE's visualisation does) | target tokens (the tokenizer's own reconstruction)."""
     del extra
     batch = {k: v[:max_images] for k, v in batch.items()}
     centroids = consts["centroids"]
-    logits, _, _, _, select = jax.jit(lambda p, b: self._forward(p, b, consts, None, False))(
-      params, batch
-    )
+    logits, pixels, targets, _, select = jax.jit(
+      lambda p, b: self._forward(p, b, consts, None, False)
+    )(params, batch)
     tokens, _, patches2 = self._corrupt(jax.tree.map(jnp.asarray, batch), centroids)
     pred = jnp.argmax(logits, -1)
-    b = patches2.shape[0]
-    rows = jnp.arange(b)[:, None]
-    recon = patches2.at[rows, select].set(centroids[pred])
+    rows = jnp.arange(patches2.shape[0])[:, None]
+    predicted = patches2.at[rows, select].set(centroids[pred])
+    original = jnp.take_along_axis(patches2, select[..., None], axis=1)
+    in_pixels = patches2.at[rows, select].set(
+      per_patch_denormalize(pixels.astype(jnp.float32), original)
+    )
     corrupted = jnp.where(batch["replaced"][..., None], centroids[tokens], patches2)
     corrupted = jnp.where(batch["mask"][..., None], 0.5, corrupted)
-    tok_recon = centroids[tokens]
-    panels = [patches2, corrupted, recon, tok_recon]
-    imgs = [centroid_lib.unpatchify(p, self.patch, self.grid) for p in panels]
-    grid = np.concatenate([np.concatenate(list(np.asarray(im)), axis=1) for im in imgs], axis=0)
-    scale = max(1, 128 // self.config.data.image_size)  # small images: enlarge, no blur
-    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    return (np.clip(grid, 0, 1) * 255).astype(np.uint8)
+    panels = [
+      ("input", patches2),
+      ("masked + replaced", corrupted),
+      ("predicted tokens", predicted),
+      ("predicted pixels", in_pixels),
+      ("target tokens", centroids[tokens]),
+    ]
+    right = np.asarray(pred == targets).sum(1)
+    cols = [f"#{i + 1}: {int(r)}/{pred.shape[1]} tokens right" for i, r in enumerate(right)]
+    return visual.labelled_grid(
+      [(name, np.asarray(centroid_lib.unpatchify(x, self.patch, self.grid))) for name, x in panels],
+      cols,
+    )

@@ -37,9 +37,11 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from mim_jax import masking
 from mim_jax import two_stream
+from mim_jax import visual
 from mim_jax.data import transforms
 from mim_jax.methods import common
 from mim_jax.methods import token_targets
@@ -301,6 +303,45 @@ class MaPeT:
   def encoder_params(params):
     return {k: v for k, v in params.items() if k not in _EXTRA_PARAMS}
 
-  def visualize(self, params, extra, consts, batch, max_images: int = 8):
-    del params, extra, consts, batch, max_images
-    return None  # nothing pictorial to show for permuted token prediction
+  def visualize(self, params, extra, consts, batch, max_images: int = 2):
+    """The two-stream attention of one permutation per image (MaPeT §4.1): the input with
+    the predicted patches grey, the mask in token order ([h, M, g] x [h, M, g], white = may
+    attend) and the same mask in permutation order, the static prefix/causal pattern of the
+    'permuted' layout. In 'mim' mode: input and masked input."""
+    del params, extra, consts
+    m = self.config.method
+    img = np.asarray(batch["image"][:max_images], np.float32) / 255.0
+    p, gw = self.patch, self.grid[1]
+    if m.mode == "mim":
+      masked = visual.tint(img, np.asarray(batch["mask"][:max_images]), (0.5,) * 3, p, gw, 1.0)
+      return visual.labelled_grid([("input", img), ("masked", masked)], ["#1", "#2"][: len(img)])
+    perm = np.asarray(batch["perm"][:max_images])
+    with_m = m.mode == "mapet"
+    masks, _ = two_stream.two_stream_masks(
+      jnp.asarray(perm), m.least_number, with_mask_tokens=with_m
+    )
+    static = np.asarray(
+      two_stream.permuted_layout_mask(perm.shape[1], m.least_number, with_mask_tokens=with_m)
+    )
+    side = max(img.shape[1], static.shape[0])
+    side *= max(1, 160 // side)
+
+    def square(x):
+      x = (np.clip(x, 0, 1) * 255).astype(np.uint8)
+      return np.asarray(Image.fromarray(x).resize((side, side), Image.NEAREST))
+
+    rows = []
+    for i in range(len(img)):
+      predicted = np.zeros((self.num_patches,), bool)
+      predicted[perm[i, m.least_number :] - 1] = True
+      shown = visual.tint(img[i : i + 1], predicted[None], (0.5,) * 3, p, gw, 1.0)[0]
+      panels = [square(shown), square(np.asarray(masks[i], np.float32)), square(static * 1.0)]
+      rows.append(
+        (
+          f"#{i + 1}",
+          np.stack([np.repeat(x[..., None], 3, -1) if x.ndim == 2 else x for x in panels]),
+        )
+      )
+    streams = "[h, M, g]" if with_m else "[h, g]"
+    cols = ["input, predicted grey", f"mask, token order {streams}", "mask, permutation order"]
+    return visual.labelled_grid(rows, cols, cell=side)

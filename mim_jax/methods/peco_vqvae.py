@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim_jax import visual
 from mim_jax.methods import common
 from mim_jax.teachers import perceptual
 from mim_jax.tokenizers import peco
@@ -239,17 +240,15 @@ class PeCoVQVAE:
     return params["vqvae"]
 
   def visualize(self, params, extra, consts, batch, max_images: int = 8) -> np.ndarray:
-    """Rows: input | reconstruction (eval mode: the codebook is not updated)."""
+    """Rows: input | reconstruction (eval mode: the codebook is not updated); columns: the
+    images with their PSNR."""
     del consts
     images = jnp.asarray(batch["image"][:max_images])
     _, rec, _, _ = jax.jit(lambda p, e, im: self.reconstruct(p, e, im, train=False))(
       params, extra, images
     )
-    rows = [
-      np.asarray(images, np.float32) / 255.0,
-      np.clip(np.asarray(peco.to_unit_range(rec)), 0.0, 1.0),
-    ]
-    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
-    scale = max(1, 128 // self.image_size)  # small images: enlarge, no blur
-    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    return (grid * 255).round().astype(np.uint8)
+    original = np.asarray(images, np.float32) / 255.0
+    rec = np.clip(np.asarray(peco.to_unit_range(rec), np.float32), 0.0, 1.0)
+    mse = np.maximum(((rec - original) ** 2).mean(axis=(1, 2, 3)), 1e-10)
+    cols = [f"#{i + 1}: {10 * np.log10(1 / m):.1f} dB" for i, m in enumerate(mse)]
+    return visual.labelled_grid([("input", original), ("reconstruction", rec)], cols)

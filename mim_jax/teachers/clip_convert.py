@@ -321,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
     prog='python -m mim_jax.teachers.clip',
     description='Convert an OpenAI CLIP checkpoint (vision tower) to a Flax .npz once.',
+    epilog='example: python -m mim_jax.teachers.clip --checkpoint=ViT-B-16.pt --out=clip.npz',
   )
   parser.add_argument('--checkpoint', required=True, help='OpenAI .pt or a torch.save state dict')
   parser.add_argument('--out', required=True, help='output .npz')

@@ -502,26 +502,32 @@ class PerceptualTeacher:
 
 
 def main(argv: Sequence[str]) -> int:
-  """--checkpoint=PATH --out=FILE.npz [--image_size=N] [--num_heads=N]: convert once."""
-  args = dict(a[2:].partition("=")[::2] for a in argv[1:] if a.startswith("--"))
-  if not args.get("checkpoint") or not args.get("out"):
-    print(
-      "usage: python -m mim_jax.teachers.perceptual --checkpoint=PATH --out=FILE.npz "
-      "[--image_size=224] [--num_heads=12]",
-      file=sys.stderr,
-    )
-    return 2
+  """Converts a perceptual-teacher checkpoint to a mim_jax .npz once (needs torch)."""
+  import argparse  # pylint: disable=g-import-not-at-top
+
+  parser = argparse.ArgumentParser(
+    prog="python -m mim_jax.teachers.perceptual",
+    description="Convert the PeCo perceptual teacher's PyTorch checkpoint (a self-supervised "
+    "ViT) to a mim_jax .npz, once; needs torch.",
+    epilog="example: python -m mim_jax.teachers.perceptual --checkpoint=mocov3_vitb.pth "
+    "--out=perceptual_vitb.npz",
+  )
+  parser.add_argument("--checkpoint", required=True, help="the PyTorch checkpoint")
+  parser.add_argument("--out", required=True, help="the .npz to write")
+  parser.add_argument("--image_size", type=int, default=0, help="input size (default: 224)")
+  parser.add_argument("--num_heads", type=int, default=0, help="head count (default: 12)")
+  args = parser.parse_args(list(argv[1:]))
   try:
     arch, params = load_checkpoint(
-      args["checkpoint"],
-      image_size=int(args.get("image_size") or 0) or None,
-      num_heads=int(args.get("num_heads") or 0) or None,
+      args.checkpoint,
+      image_size=args.image_size or None,
+      num_heads=args.num_heads or None,
     )
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
-  save_npz(args["out"], arch, params)
-  print(f"wrote {args['out']}: {arch}")
+  save_npz(args.out, arch, params)
+  print(f"wrote {args.out}: {arch}")
   return 0
 
 

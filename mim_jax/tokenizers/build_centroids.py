@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 import numpy as np
 from PIL import Image
 
+from mim_jax import cli
 from mim_jax.data import transforms
 from mim_jax.tokenizers import centroids as centroids_lib
 from mim_jax.tokenizers import kmeans
@@ -280,7 +281,7 @@ if __name__ == "__main__":
 
   _define_flags()
   try:
-    app.run(main)
+    app.run(main, flags_parser=cli.parse)
   except BuildError as e:  # argument or data problems: one line, no traceback
     print(f"build_centroids: error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 from ml_collections import config_flags
 import numpy as np
 
+from mim_jax import cli
 from mim_jax.data import pipeline as data_pipeline
 from mim_jax.data import sources as data_sources
 from mim_jax.data import transforms
@@ -332,4 +333,4 @@ if __name__ == "__main__":
   # Defined here, not at import: this module is imported by processes (the trainer, the
   # token cache) that define their own --config.
   config_flags.DEFINE_config_file("config", None, "k-CLIP build config.", lock_config=True)
-  app.run(main)
+  app.run(main, flags_parser=cli.parse)
