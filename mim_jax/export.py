@@ -157,8 +157,6 @@ def timm_files(enc, image_size: int) -> tuple[dict, dict]:
     cfg["model_args"]["final_norm"] = False
   tensors = timm_layout.to_timm(enc.params, spec, image_size)
   expected = timm_layout.expected_shapes(spec, image_size, qkv_bias=qkv_bias)
-  if not spec.final_norm:
-    expected = {k: v for k, v in expected.items() if not k.startswith("norm.")}
   problem = timm_layout.contract_mismatch(tensors, expected)
   if problem:
     raise ExportError(f"{enc.source}: the timm tensors do not match the contract: {problem}")

@@ -189,7 +189,7 @@ def code_grid(
       patch = images[i, y * ph : (y + 1) * ph, x * pw : (x + 1) * pw]
       patches.append(np.asarray(Image.fromarray(patch).resize((patch_px, patch_px), Image.NEAREST)))
     rows.append((f"code {int(code)} ({int(counts[code])} patches)", np.stack(patches)))
-  return visual.labelled_grid(rows, ["patches that share the code"], cell=patch_px)
+  return visual.labelled_grid(rows, None, cell=patch_px, title="patches that share a code")
 
 
 # ------------------------------------------------------------------ CLI

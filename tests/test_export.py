@@ -23,7 +23,15 @@ from mim_jax.models import exported
 from mim_jax.tokenizers import centroids as centroid_lib
 
 SIZE = 16
-CONFIGS = ("beitv2_vitb", "peco_vitb", "ccvit_vitb", "mapet_vitb", "caev2_vitb", "peco_mae_vitb")
+CONFIGS = (
+  "beitv2_vitb",
+  "peco_vitb",
+  "ccvit_vitb",
+  "mapet_vitb",
+  "caev2_vitb",
+  "peco_mae_vitb",
+  "vqkd_vitb",  # the tokenizer's ViT encoder
+)
 
 
 def _config(name, tmp_path):
@@ -44,6 +52,9 @@ def _config(name, tmp_path):
     c.method.least_number = 6
   if name == "caev2_vitb":
     c.method.update(num_masked=6, min_block=2, regressor_dim=32, regressor_heads=2)
+    c.teacher.random_init = "random:ViT-B/16,width=32,layers=1,patch_size=4,image_size=16"
+  if name == "vqkd_vitb":
+    c.vqkd.update(num_codes=16, decoder_width=32, decoder_heads=2)
     c.teacher.random_init = "random:ViT-B/16,width=32,layers=1,patch_size=4,image_size=16"
   if name == "peco_mae_vitb":
     c.method.update(num_masked=12, decoder_dim=16, decoder_depth=1, decoder_heads=2)
@@ -284,6 +295,13 @@ def test_official_mapet_checkpoint_loads_with_equal_features(tmp_path, torch_ref
   enc = mim_jax.load_encoder(path, heads=2)
   assert enc.spec.k_bias and enc.spec.abs_pos == "learned" and enc.spec.final_norm != released
   assert _rel(enc.tokens(images), ref) <= 1e-5
+  # The official file exports to timm's VisionTransformer (q / kv fused into one qkv with
+  # its k bias), and timm's forward of the export is the official forward.
+  import timm  # pylint: disable=g-import-not-at-top
+
+  out = str(tmp_path / "export")
+  export.export_timm(path, out, heads=2)
+  assert _rel(_timm_forward(torch, timm, out, images), ref) <= 1e-5
 
 
 def test_head_count_from_an_official_checkpoints_model_name():

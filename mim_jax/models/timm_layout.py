@@ -99,6 +99,7 @@ def spec_fields_from_model_args(architecture: str, args: dict) -> dict:
     rel_pos=rel_pos,
     abs_pos=abs_pos,
     layer_scale=args.get("init_values") is not None,
+    final_norm=bool(args.get("final_norm", True)),
   )
 
 
@@ -150,8 +151,9 @@ def to_timm(params: dict, spec, image_size: int) -> dict[str, np.ndarray]:
       names = ("gamma_1", "gamma_2") if beit else ("ls1.gamma", "ls2.gamma")
       out[pre + names[0]] = _f32(b["gamma_1"])
       out[pre + names[1]] = _f32(b["gamma_2"])
-  out["norm.weight"] = _f32(params["norm"]["scale"])
-  out["norm.bias"] = _f32(params["norm"]["bias"])
+  if "norm" in params:  # absent in a classifier that pools with its own fc_norm
+    out["norm.weight"] = _f32(params["norm"]["scale"])
+    out["norm.bias"] = _f32(params["norm"]["bias"])
   return out
 
 
@@ -165,9 +167,9 @@ def expected_shapes(spec, image_size: int, *, qkv_bias: bool = True) -> dict[str
     "cls_token": (1, 1, d),
     "patch_embed.proj.weight": (d, 3, p, p),
     "patch_embed.proj.bias": (d,),
-    "norm.weight": (d,),
-    "norm.bias": (d,),
   }
+  if getattr(spec, "final_norm", True):
+    shapes["norm.weight"] = shapes["norm.bias"] = (d,)
   if spec.abs_pos != "none":
     shapes["pos_embed"] = (1, grid * grid + 1, d)
   table = (vit.num_relative_distances((grid, grid)), spec.num_heads)
