@@ -332,9 +332,10 @@ def analyse(config, target: Target, devices) -> dict:
     compiled = lowered.compile()
   except Exception as e:  # pylint: disable=broad-except  # XLA raises JaxRuntimeError
     if "RESOURCE_EXHAUSTED" in str(e):
+      remat = "" if config.model.get("remat") else "--config.model.remat=True, "
       raise DoesNotFit(
         f"{_describe(config)} on {target.name}: {_shortfall(str(e), target)}; try "
-        "--config.model.remat=True, a larger mesh.fsdp or a smaller config.batch_size"
+        f"{remat}a larger mesh.fsdp or a smaller config.batch_size"
       ) from None
     raise
   compile_s = time.time() - t0

@@ -84,6 +84,7 @@ def test_oversize_batch_exits_nonzero_naming_the_shortfall(tmp_path):
   errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1, r.stderr[-3000:]
   assert "GiB per chip" in errors[0] and "v5e has 16" in errors[0], errors[0]
+  assert "--config.model.remat=True" in errors[0]  # remat is off in this config: suggest it
   assert "Traceback" not in r.stderr and report is None
 
 
