@@ -8,21 +8,16 @@ import argparse
 import json
 import os
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
+import method_util
 import numpy as np
 import pytest
 
 import mim_jax
 from mim_jax import checkpoint as ckpt_lib
-from mim_jax import config_lib
 from mim_jax import export
-from mim_jax import methods
 from mim_jax.models import exported
-from mim_jax.tokenizers import centroids as centroid_lib
 
-SIZE = 16
+SIZE = method_util.SIZE
 CONFIGS = (
   "beitv2_vitb",
   "peco_vitb",
@@ -34,61 +29,8 @@ CONFIGS = (
 )
 
 
-def _config(name, tmp_path):
-  c = config_lib.load_config(name, "runlocal")
-  c.data.image_size = c.data.second_image_size = SIZE
-  c.model.variant, c.model.width, c.model.depth, c.model.heads = "T/4", 32, 2, 2
-  if "tokenizer" in c:
-    path = str(tmp_path / "centroids")
-    centroid_lib.CentroidTokenizer(
-      np.random.default_rng(0).random((8, 48)).astype(np.float32), 4, metadata={"image_size": SIZE}
-    ).save(path)
-    c.tokenizer.update(kind="centroids", path=path, build_if_missing=False)
-  if name in ("beitv2_vitb", "peco_vitb", "ccvit_vitb"):
-    c.method.update(num_masked=6, min_block=2, early_layers=1)
-  if name == "ccvit_vitb":
-    c.method.num_replaced = 2
-  if name == "mapet_vitb":
-    c.method.least_number = 6
-  if name == "caev2_vitb":
-    c.method.update(num_masked=6, min_block=2, regressor_dim=32, regressor_heads=2)
-    c.teacher.random_init = "random:ViT-B/16,width=32,layers=1,patch_size=4,image_size=16"
-  if name == "vqkd_vitb":
-    c.vqkd.update(num_codes=16, decoder_width=32, decoder_heads=2)
-    c.teacher.random_init = "random:ViT-B/16,width=32,layers=1,patch_size=4,image_size=16"
-  if name == "peco_mae_vitb":
-    c.method.update(num_masked=12, decoder_dim=16, decoder_depth=1, decoder_heads=2)
-  return c
-
-
-def _perturbed(params, seed):
-  """Every leaf moved off its initial value (layer scale, zero biases, tables), so that a
-  tensor mapped to the wrong place cannot hide behind a constant init."""
-  leaves, tree = jax.tree.flatten(params)
-  rng = np.random.default_rng(seed)
-  out = [
-    np.asarray(x) + rng.normal(0, 0.05, np.shape(x)).astype(np.asarray(x).dtype) for x in leaves
-  ]
-  return jax.tree.unflatten(tree, out)
-
-
 def make_workdir(name, tmp_path, step=3):
-  """A mim_jax workdir of method config `name` holding one checkpoint of random weights."""
-  c = _config(name, tmp_path)
-  method = methods.build(c)
-  rng = np.random.default_rng(0)
-  img = rng.integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
-  ex = [
-    method.prepare({"image": img[i], "image2": img[i]}, np.random.default_rng(i)) for i in range(2)
-  ]
-  batch = {k: jnp.asarray(np.stack([e[k] for e in ex])) for k in ex[0]}
-  params = _perturbed(nn.unbox(method.init(jax.random.PRNGKey(0), batch))["params"], 1)
-  workdir = str(tmp_path / f"run_{name}")
-  ckpt_lib.write_config(workdir, c.to_json_best_effort(), method.fingerprint())
-  saver = ckpt_lib.Checkpointer(workdir, async_save=False)
-  saver.save(step, {"params": params}, None)
-  saver.close()
-  return workdir
+  return method_util.make_workdir(name, tmp_path, step=step)[0]
 
 
 def _timm_forward(torch, timm, folder, images):

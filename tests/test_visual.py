@@ -4,13 +4,11 @@ and the demo's own picture (the README's first command) is titled."""
 
 import os
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
+import method_util
 import numpy as np
 from PIL import Image
 import pytest
-import test_export
 
 from mim_jax import methods
 from mim_jax import visual
@@ -32,16 +30,10 @@ def test_labelled_grid_writes_its_titles_in_the_margins():
 
 
 def _visualize(name, tmp_path, **method_over):
-  c = test_export._config(name, tmp_path)
+  c = method_util.tiny_config(name, tmp_path)
   c.method.update(method_over)
   method = methods.build(c)
-  rng = np.random.default_rng(0)
-  img = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
-  ex = [
-    method.prepare({"image": img[i], "image2": img[i]}, np.random.default_rng(i)) for i in range(3)
-  ]
-  batch = {k: np.stack([e[k] for e in ex]) for k in ex[0]}
-  variables = nn.unbox(method.init(jax.random.PRNGKey(0), jax.tree.map(jnp.asarray, batch)))
+  batch, variables = method_util.batch_and_variables(method, 3)
   extra = {k: v for k, v in variables.items() if k != "params"}
   return method, batch, method.visualize(variables["params"], extra, method.consts(), batch)
 

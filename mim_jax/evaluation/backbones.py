@@ -340,17 +340,9 @@ def from_torch_state_dict(sd: dict, model_cfg=None, source: str = ""):
   return params, spec
 
 
-def _flatten(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    name = f"{prefix}/{k}" if prefix else k
-    out.update(_flatten(v, name) if isinstance(v, dict) else {name: np.asarray(v)})
-  return out
-
-
 def save_npz(path: str, params: dict, spec: BackboneSpec) -> None:
   tmp = path + ".tmp.npz"
-  np.savez(tmp, __spec__=np.asarray(spec.to_json()), **_flatten(params))
+  np.savez(tmp, __spec__=np.asarray(spec.to_json()), **exported.flatten(params))
   os.replace(tmp, path)
 
 
@@ -358,14 +350,7 @@ def load_npz(path: str, model_cfg=None):
   with np.load(path, allow_pickle=False) as f:
     flat = {k: f[k] for k in f.files}
   spec_text = flat.pop("__spec__", None)
-  params: dict = {}
-  for name, value in flat.items():
-    node = params
-    *parents, leaf = name.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  params = _unstack_if_scanned(params)
+  params = _unstack_if_scanned(exported.unflatten(flat))
   if spec_text is not None:
     return params, BackboneSpec.from_json(str(spec_text))
   return params, infer_spec(
@@ -517,7 +502,7 @@ def merge_into(init_params, loaded: dict, where: str = "backbone", place=None):
   shard by shard from host memory (multi-host safe). Shapes must agree. Returns (params,
   names of the leaves left at their initial values).
   """
-  flat_loaded = _flatten(loaded)
+  flat_loaded = exported.flatten(loaded)
   init_names = {_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(init_params)[0]}
   extra = sorted(set(flat_loaded) - init_names)
   if extra:
