@@ -14,6 +14,7 @@ jax_persistent_cache_min_compile_time_secs (1 s by default) are kept.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from absl import logging
@@ -51,3 +52,22 @@ def setup(config, workdir: str) -> str:
   jax.config.update("jax_compilation_cache_dir", path)
   logging.info("compilation cache: %s", path)
   return path
+
+
+@contextlib.contextmanager
+def hits():
+  """Counts the persistent-cache hits of the compilations inside the block: {'hits': n}.
+
+  JAX reports a hit through jax.monitoring ('/jax/compilation_cache/cache_hits'); a count
+  says whether a step was loaded, which its compile time on a busy machine cannot."""
+  counter = {"hits": 0}
+
+  def listen(event, **_):
+    if event == "/jax/compilation_cache/cache_hits":
+      counter["hits"] += 1
+
+  jax.monitoring.register_event_listener(listen)
+  try:
+    yield counter
+  finally:
+    jax.monitoring.unregister_event_listener(listen)

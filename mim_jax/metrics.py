@@ -48,16 +48,22 @@ class MetricLogger:
     self._last_step = None
     self._flops = None  # XLA's FLOPs of one step per device (perf.cost)
     self._compile_s = None  # reported once, on the first row after compilation
+    self._cache_hit = 0
     self._chips = jax.device_count()
 
-  def set_compiled(self, seconds: float, cost: dict, scan_layers: bool = False):
-    """Compilation time (kept out of throughput and ETA) and the step's FLOP count."""
+  def set_compiled(
+    self, seconds: float, cost: dict, scan_layers: bool = False, from_cache: bool = False
+  ):
+    """Compilation time (kept out of throughput and ETA), whether the step was loaded from
+    the persistent compilation cache, and the step's FLOP count."""
     self._compile_s = seconds
+    self._cache_hit = int(from_cache)
     self._flops = cost.get("flops")
     if scan_layers:  # XLA counts the scanned layer loop once: the count would mislead
       self._flops = None
     logging.info(
-      "compiled the step in %.1f s%s",
+      "%s the step in %.1f s%s",
+      "loaded (compilation cache)" if from_cache else "compiled",
       seconds,
       f", {self._flops / 1e9:.4g} GFLOP per device per step (XLA)"
       if self._flops
@@ -100,6 +106,7 @@ class MetricLogger:
     self._last_time, self._last_step = now, step
     if self._compile_s is not None:
       row["compile_s"], self._compile_s = self._compile_s, None
+      row["compile_cache_hit"] = self._cache_hit
     if self.is_main:
       with open(self.jsonl_path, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -468,7 +468,7 @@ def _guarded_step(job: Job):
     """Compiles ahead of the first step, so that compilation is timed apart from training
     and XLA's cost analysis of the compiled step is at hand; returns (step, seconds, cost)."""
     t0 = time.time()
-    with jax.set_mesh(job.mesh), nn.logical_axis_rules(job.rules):
+    with compile_cache.hits() as cache, jax.set_mesh(job.mesh), nn.logical_axis_rules(job.rules):
       compiled = jitted.lower(state, frozen, batch).compile()
     seconds = time.time() - t0
 
@@ -477,6 +477,7 @@ def _guarded_step(job: Job):
         return compiled(state, frozen, batch)
 
     run_step.compiled = compiled  # benchmarks read its HLO
+    run_step.from_cache = cache["hits"] > 0
     return run_step, seconds, perf.cost(compiled)
 
   return compile_step, state_sh
@@ -576,7 +577,7 @@ def _steps(job, state, step, it, compile_step, ckpt, writer, prof) -> dict:
     if step_fn is None:  # compiled once, timed apart: throughput and ETA exclude it
       step_fn, seconds, cost = compile_step(state, job.frozen, batch)
       scan = bool(c.get("model") and c.model.get("scan_layers", False))
-      writer.set_compiled(seconds, cost, scan_layers=scan)
+      writer.set_compiled(seconds, cost, scan_layers=scan, from_cache=step_fn.from_cache)
       writer.mark(step)
     prof.before(step + 1)
     with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):

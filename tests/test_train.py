@@ -183,7 +183,9 @@ def test_profile_traces_the_requested_steps_and_rows_report_efficiency(tmp_path,
 def test_restarted_run_loads_its_step_from_the_compilation_cache(tmp_path, tiny_npz):
   """config.compilation_cache is on by default; 'workdir' keeps it in DIR/jax_cache. A run
   that lost its last checkpoint (killed after step 2) is restarted with the same command:
-  its first row reports loading the step from the cache, not a second compilation."""
+  its first row reports the step loaded from the cache (jax's own cache-hit event), not a
+  second compilation. Compile seconds are not compared: on a busy CI machine a load can
+  take as long as the small test step's compilation."""
   import shutil  # pylint: disable=g-import-not-at-top
 
   workdir = str(tmp_path / "w")
@@ -192,13 +194,14 @@ def test_restarted_run_loads_its_step_from_the_compilation_cache(tmp_path, tiny_
   first = run_train(workdir, flags)
   assert first.returncode == 0, first.stderr[-3000:]
   assert os.listdir(os.path.join(workdir, "jax_cache"))
-  compiled = logged_rows(workdir)[1]["compile_s"]
+  assert logged_rows(workdir)[1]["compile_cache_hit"] == 0
+  assert "compiled the step" in first.stderr
   shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
   second = run_train(workdir, flags)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "resumed from" in second.stderr
-  loaded = logged_rows(workdir)[3]["compile_s"]
-  assert loaded < 0.5 * compiled, (loaded, compiled)
+  assert logged_rows(workdir)[3]["compile_cache_hit"] == 1
+  assert "loaded (compilation cache) the step" in second.stderr
 
 
 # ------------------------------------------------------------------ sharding
