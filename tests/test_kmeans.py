@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -157,6 +158,35 @@ def test_assign_equals_brute_force():
   np.testing.assert_array_equal(np.asarray(jitted), np.asarray(ids))
   bf16 = kmeans.assign(points, centroids, bf16_matmul=True)
   assert (np.asarray(bf16).reshape(-1) == ref_ids).mean() > 0.9
+
+
+def test_assign_in_a_sharded_step_tokenises_only_each_devices_rows(mesh8):
+  """Inside a step jitted under a mesh (as the trainer runs it), each device assigns its own
+  rows: no device gathers the batch, and the ids equal the one-device ones. Left to the
+  partitioner, the chunk loop over batch-sharded rows made all 8 devices gather and assign
+  all rows (8x the work of the step's tokenizer)."""
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(7)
+  points = rng.normal(size=(16, 49, 24)).astype(np.float32)  # 8 devices x 2 images x 49
+  centroids = rng.normal(size=(64, 24)).astype(np.float32)
+  alone = kmeans.assign(points, centroids, chunk_size=32)
+  step = jax.jit(lambda p, c: kmeans.assign(p, c, chunk_size=32))
+  sharded = jax.device_put(points, NamedSharding(mesh8, P("data")))
+  with jax.set_mesh(mesh8):
+    ids = step(sharded, centroids)
+    hlo = step.lower(sharded, centroids).compile().as_text()
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(alone))
+  assert "all-gather" not in hlo
+  rows_per_dot = {int(m) for m in re.findall(r"f32\[(\d+),64\]\S* dot", hlo)}
+  assert rows_per_dot and max(rows_per_dot) <= 2 * 49, rows_per_dot  # local rows only
+  # 8 devices that do not divide the rows: the global form, still correct.
+  odd = jax.device_put(points[:, :47].reshape(-1, 24)[:750], NamedSharding(mesh8, P()))
+  with jax.set_mesh(mesh8):
+    np.testing.assert_array_equal(
+      np.asarray(step(odd, centroids)), np.asarray(kmeans.assign(np.asarray(odd), centroids))
+    )
 
 
 def test_spherical_matches_numpy_reference():

@@ -54,17 +54,17 @@ class PeCoMAEModel(nn.Module):
     d = self.decoder_dim
     x = common.xavier_dense(d, ("embed", None), "decoder_embed", dtype)(latents)
     b, m = masked.shape
-    n = visible.shape[1] + m
     mask_token = self.param(
       "mask_token",
       nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")),
       (1, 1, d),
     )
-    # Unshuffle: visible latents and mask tokens back to raster order.
-    patches = jnp.zeros((b, n, d), x.dtype)
-    rows = jnp.arange(b)[:, None]
-    patches = patches.at[rows, visible].set(x[:, 1:])
-    patches = patches.at[rows, masked].set(jnp.broadcast_to(mask_token.astype(x.dtype), (b, m, d)))
+    # Unshuffle: visible latents and mask tokens back to raster order, by a per-example
+    # gather with the inverse permutation. A scatter indexed by explicit batch rows made
+    # every device gather the global batch under data parallelism (BENCHMARKS.md §10).
+    restore = jnp.argsort(jnp.concatenate([visible, masked], axis=1), axis=1)
+    tokens = jnp.concatenate([x[:, 1:], jnp.broadcast_to(mask_token.astype(x.dtype), (b, m, d))], 1)
+    patches = jnp.take_along_axis(tokens, restore[..., None], axis=1)
     grid = (images.shape[1] // kw["patch_size"], images.shape[2] // kw["patch_size"])
     pos = jnp.asarray(vit.sincos_2d_pos_embed(grid, d), x.dtype)  # cls row = 0
     x = jnp.concatenate([x[:, :1], patches], axis=1) + pos[None]

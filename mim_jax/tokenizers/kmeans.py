@@ -13,6 +13,10 @@ spherical k-means init of the BEiT v2 quantizer.
   (`jax.shard_map`). Rows added to make the point count divisible by the number
   of devices are sent to segment id K, which `segment_sum` drops, and are left
   out of the inertia.
+* `assign` inside a step jitted under a mesh (`jax.set_mesh`) runs on each device's own
+  rows (`jax.shard_map` over every mesh axis). Left to the partitioner, the chunk loop's
+  slices of a batch-sharded array made every device gather all rows and tokenise the whole
+  global batch (BENCHMARKS.md §10, "What the step computes that the method does not need").
 * Empty clusters keep their previous centroid (faiss instead splits a big
   cluster, scikit-learn moves far points). `reseed_empty=True` instead moves
   them onto the points farthest from their current centroid.
@@ -79,7 +83,7 @@ def _sq_distances_to_nearest(
 
 
 def _assign_rows(
-  points: jax.Array, centroids: jax.Array, chunk_size: int, bf16_matmul: bool
+  points: jax.Array, centroids: jax.Array, *, chunk_size: int, bf16_matmul: bool
 ) -> tuple[jax.Array, jax.Array]:
   """`_sq_distances_to_nearest` over (n, D) rows, `chunk_size` rows at a time."""
   n = points.shape[0]
@@ -132,11 +136,23 @@ def assign(
   points = jnp.asarray(points, jnp.float32)
   centroids = jnp.asarray(centroids, jnp.float32)
   lead_shape = points.shape[:-1]
-  ids, dist = _assign_rows(points.reshape(-1, points.shape[-1]), centroids, chunk_size, bf16_matmul)
+  rows = points.reshape(-1, points.shape[-1])
+  assign_rows = functools.partial(_assign_rows, chunk_size=chunk_size, bf16_matmul=bf16_matmul)
+  ids, dist = _on_local_rows(assign_rows, rows.shape[0])(rows, centroids)
   ids = ids.reshape(lead_shape)
   if return_distances:
     return ids, dist.reshape(lead_shape)
   return ids
+
+
+def _on_local_rows(assign_rows: Callable, num_rows: int) -> Callable:
+  """`assign_rows(rows, centroids)` on each device's block of rows when a mesh of more than
+  one device is active (`jax.set_mesh`) and divides the rows; as it is otherwise."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or num_rows % mesh.size:
+    return assign_rows
+  rows = P(mesh.axis_names)  # rows split over every device; the centroids replicated
+  return jax.shard_map(assign_rows, in_specs=(rows, P()), out_specs=(rows, rows), check_vma=False)
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -155,7 +171,7 @@ def _shard_step(
   offset = 0 if axis_name is None else lax.axis_index(axis_name) * num_local
   valid = offset + jnp.arange(num_local) < num_valid
 
-  ids, sq_dist = _assign_rows(points, centroids, chunk_size, bf16_matmul)
+  ids, sq_dist = _assign_rows(points, centroids, chunk_size=chunk_size, bf16_matmul=bf16_matmul)
   ids = jnp.where(valid, ids, k)  # id K is out of range: segment_sum drops it
   sq_dist = jnp.where(valid, sq_dist, 0.0)
   sums = jax.ops.segment_sum(points, ids, num_segments=k)
