@@ -11,6 +11,14 @@ chip's HBM, FLOPs per image from XLA and from mim_jax/flops.py (its frozen teach
 tokenizer part apart), and compile time. A config that does not fit gets its one-line
 shortfall in the table. Configs whose paper batch the slice cannot split (PeCo's VQ-VAE at
 128) go to --small_topology.
+
+  python benchmarks/aot_table.py --paper_slices --set=dtype=bfloat16 \
+      --reports_dir=/tmp/aot_paper_slices --out=/tmp/aot_paper_slices.md
+
+compiles each config instead for a v5e slice with as many chips as its paper's run had GPUs
+(PAPER_GPUS: the number and where it is stated), so the per-chip batch is the paper's per-GPU
+batch times its gradient accumulation (mim_jax takes the whole batch in one step). A config
+that does not fit is compiled again with model.remat=True; the table says which was needed.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -27,10 +36,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from mim_jax.aot import PAPER_CONFIGS  # noqa: E402  (ROOT is on sys.path now)
 
+# GPUs of each paper's pre-training run: (count, where it is stated). The papers of BEiT v2,
+# PeCo and CAE v2 give no count; their official scripts do where they exist.
+PAPER_GPUS = {
+  "beitv2_vitb": (16, "beit2/PRETRAINING.md: 16 x 128"),
+  "beitv2_vitl": (16, "beit2/PRETRAINING.md: 16 x 128"),
+  "peco_vitb": (16, "not stated; BEiT's 16 x 128 at the same batch"),
+  "peco_vitl": (16, "not stated; BEiT's 16 x 128 at the same batch"),
+  "peco_mae_vitb": (32, "not stated; 128 per GPU at batch 4096"),
+  "mapet_vitt": (16, "MaPeT paper, computational requirements"),
+  "mapet_vits": (32, "MaPeT paper, computational requirements"),
+  "mapet_vitb": (64, "MaPeT paper, computational requirements"),
+  "ccvit_vitb": (4, "CCViT paper §4.1: 4 RTX 3090, accumulation 4"),
+  "ccvit_vitl": (4, "CCViT paper §4.1: 4 RTX 3090"),
+  "caev2_vitt": (8, "CAE caev2_tiny_300e.sh: 8 x 256"),
+  "caev2_vits": (8, "CAE caev2_small_300e.sh: 8 x 256"),
+  "caev2_vitb": (8, "CAE caev2_base_300e.sh: 8 x 256"),
+  "caev2_vitl": (8, "no script; as the base: 8 x 256"),
+  "vqkd_vitb": (8, "beit2/TOKENIZER.md: 8 x 64"),
+  "peco_vqvae": (8, "not stated; 8 x 16 assumed"),
+}
 
-def run_one(name: str, topology: str, overrides: list[str], reports_dir: str, reuse: bool):
-  path = os.path.join(reports_dir, f"{name}.json")
-  err_path = os.path.join(reports_dir, f"{name}.err")
+
+def run_one(
+  name: str, topology: str, overrides: list[str], reports_dir: str, reuse: bool, tag: str = ""
+):
+  path = os.path.join(reports_dir, f"{name}{tag}.json")
+  err_path = os.path.join(reports_dir, f"{name}{tag}.err")
   if reuse and (os.path.exists(path) or os.path.exists(err_path)):
     pass
   else:
@@ -83,16 +115,18 @@ def analytic_count(name: str, overrides: list[str]) -> dict:
   return {k: v / c.batch_size / 1e9 for k, v in flops.step_flops(c).items()}
 
 
-def row(name: str, report: dict | None, error: str | None, overrides: list[str]) -> str:
+def row(
+  name: str, report: dict | None, error: str | None, overrides: list[str], lead: str = ""
+) -> str:
   if report is None:
-    return f"| {name} | | | | | | | | | | {error} |"
+    return f"| {name} | {lead}| | | | | | | | | | {error} |"
   m = report["memory_per_chip_gib"]
   parts = analytic_count(name, overrides)
   xla = report.get("xla_gflops_per_image")
   analytic = parts["total"]
   ratio = f"{xla / analytic:.2f}" if xla and analytic else "n/a"
   return (
-    f"| {name} | {report['config'].split(' ', 1)[1]} | {report['topology']} | "
+    f"| {name} | {lead}{report['config'].split(' ', 1)[1]} | {report['topology']} | "
     f"{report['batch_per_chip']:g} | {m['arguments']:.2f} | {m['temp']:.2f} | "
     f"{m['total']:.2f} / {report['hbm_per_chip_gib']:g} | "
     f"{xla:.1f} | {analytic:.1f} ({parts.get('frozen', 0.0):.1f}) | {ratio} | "
@@ -109,8 +143,21 @@ def main() -> int:
   p.add_argument("--reports_dir", default="/tmp/aot_reports")
   p.add_argument("--reuse", action="store_true", help="keep reports already in --reports_dir")
   p.add_argument("--out", default="")
+  p.add_argument(
+    "--paper_slices",
+    action="store_true",
+    help="each config on a v5e slice with its paper's GPU count (PAPER_GPUS), remat if needed",
+  )
+  p.add_argument(
+    "--remat_at_once",
+    default="",
+    help="with --paper_slices: configs compiled with remat without first trying it off, "
+    "when a one-chip batch search (benchmarks/aot_batch.py) already shows that it cannot fit",
+  )
   args = p.parse_args()
   os.makedirs(args.reports_dir, exist_ok=True)
+  if args.paper_slices:
+    return paper_slices(args)
   lines = [
     f"### Paper configs on {args.topology}, compile-only ({datetime.date.today().isoformat()})",
     "",
@@ -127,6 +174,41 @@ def main() -> int:
     topology = args.small_topology if name == "peco_vqvae" else args.topology
     report, error = run_one(name, topology, args.set, args.reports_dir, args.reuse)
     lines.append(row(name, report, error, args.set))
+    print(lines[-1], flush=True)
+  text = "\n".join(lines) + "\n"
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(text)
+  print(text)
+  return 0
+
+
+def paper_slices(args) -> int:
+  lines = [
+    f"### Paper configs on their papers' GPU counts, compile-only "
+    f"({datetime.date.today().isoformat()})",
+    "",
+    "Command: `" + " ".join(["python benchmarks/aot_table.py", *sys.argv[1:]]) + "`; machine: "
+    f"{platform.machine()}, {os.cpu_count()} CPU cores (the compiler's host).",
+    "",
+    "| config | paper GPUs (source) | remat | step | target | per chip | arguments | temp "
+    "| total / HBM | XLA GFLOP | analytic GFLOP (frozen) | XLA / analytic | compile s |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for name in args.configs.split(","):
+    gpus, source = PAPER_GPUS[name]
+    topology = f"v5e-{gpus}"
+    if name in args.remat_at_once.split(","):
+      report, error = None, "needs (known from the one-chip batch search)"
+    else:
+      report, error = run_one(name, topology, args.set, args.reports_dir, args.reuse)
+    remat = "off"
+    if report is None and "needs" in (error or ""):  # the compiler's shortfall: try remat
+      overrides = [*args.set, "model.remat=True"]
+      need = re.search(r"needs ([\d.]+ GiB)", error)
+      report, error = run_one(name, topology, overrides, args.reports_dir, args.reuse, ".remat")
+      remat = f"on (off: needs {need.group(1)})" if need else "on (at once)"
+    lines.append(row(name, report, error, args.set, lead=f"{gpus} ({source}) | {remat} | "))
     print(lines[-1], flush=True)
   text = "\n".join(lines) + "\n"
   if args.out:

@@ -131,3 +131,44 @@ def test_mapet_needs_no_query_stream_keys_or_values():
   per_block = 2 * 2 * 147 * 768**2 + 4 * (491**2 - 344**2 - 147 * 344) * 768
   waste = 3 * 12 * per_block
   assert aot.xla_step_flops(c) < flops.step_flops(c)["total"] + 0.25 * waste * b
+
+
+# ------------------------------------------------------------- benchmarks/hlo_matmuls.py
+@pytest.mark.parametrize("target", ["cpu", "v5e-1"])
+def test_hlo_matmul_sum_of_a_compiled_program(target):
+  """The parser behind BENCHMARKS.md §10's matmul counts, on a dense layer, a batched
+  attention product (the TPU compiler writes it as a convolution with dilated batch
+  dimensions) and a strided patch convolution, compiled for the CPU and for a TPU chip."""
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+  import hlo_matmuls  # pylint: disable=g-import-not-at-top
+
+  def step(q, k, w, images, kernel):
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+    dense = jnp.einsum("bnd,de->bne", q.reshape(4, 15, 64), w)
+    patches = jax.lax.conv_general_dilated(
+      images, kernel, (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return scores.sum() + dense.sum() + patches.sum()
+
+  shapes = [(4, 3, 5, 64), (4, 3, 7, 64), (64, 32), (4, 16, 16, 3), (4, 4, 3, 8)]
+  devices = (
+    jax.devices("cpu")[:1] if target == "cpu" else aot.target_devices(aot.parse_topology(target))
+  )
+  replicated = NamedSharding(Mesh(np.asarray(devices), ("x",)), P())
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=replicated) for s in shapes]
+  ops = dict(hlo_matmuls.matmul_flops(jax.jit(step).lower(*args).compile().as_text()))
+  assert ops == {
+    "jit(step)/bhqd,bhkd->bhqk/dot_general": 2 * 4 * 3 * 5 * 7 * 64,
+    "jit(step)/bnd,de->bne/dot_general": 2 * 4 * 15 * 64 * 32,
+    "jit(step)/conv_general_dilated": 2 * 4 * 4 * 4 * 8 * (4 * 4 * 3),
+  }
