@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 
+import bench_util  # (benchmarks/, first on sys.path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -117,11 +119,7 @@ def main() -> int:
         fits, info = probe(name, args.batch, remat, args)
         lines.append(f"| {name} | {remat} | {'fits' if fits else 'does not fit'} | {info} |")
       print(lines[-1], flush=True)
-  text = "\n".join(lines) + "\n"
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text)
-  print(text)
+  bench_util.emit(lines, args.out)
   return 0
 
 

@@ -36,6 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from mim_jax.aot import PAPER_CONFIGS  # noqa: E402  (ROOT is on sys.path now)
 
+import bench_util  # noqa: E402  (benchmarks/, first on sys.path)
+
 # GPUs of each paper's pre-training run: (count, where it is stated). The papers of BEiT v2,
 # PeCo and CAE v2 give no count; their official scripts do where they exist.
 PAPER_GPUS = {
@@ -90,8 +92,6 @@ def run_one(
 
 def analytic_count(name: str, overrides: list[str]) -> dict:
   """mim_jax/flops.py's count per image as it is now (reused reports may predate it)."""
-  import ast  # pylint: disable=g-import-not-at-top
-
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   flags.FLAGS.mark_as_parsed()
@@ -101,16 +101,7 @@ def analytic_count(name: str, overrides: list[str]) -> dict:
 
   c = config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
   with c.unlocked():
-    for o in overrides:
-      key, _, value = o.partition("=")
-      node = c
-      *parents, leaf = key.split(".")
-      for part in parents:
-        node = node[part]
-      try:
-        node[leaf] = ast.literal_eval(value)
-      except (ValueError, SyntaxError):
-        node[leaf] = value
+    bench_util.set_overrides(c, overrides)
     aot.use_standins(c)
   return {k: v / c.batch_size / 1e9 for k, v in flops.step_flops(c).items()}
 
@@ -132,6 +123,17 @@ def row(
     f"{xla:.1f} | {analytic:.1f} ({parts.get('frozen', 0.0):.1f}) | {ratio} | "
     f"{report['compile_s']:.0f} |"
   )
+
+
+def _heading(title: str, legend: str = "") -> list[str]:
+  """The table's title, its exact command and the compiling machine."""
+  return [
+    f"### {title}, compile-only ({datetime.date.today().isoformat()})",
+    "",
+    "Command: `" + " ".join(["python benchmarks/aot_table.py", *sys.argv[1:]]) + "`; machine: "
+    f"{platform.machine()}, {os.cpu_count()} CPU cores (the compiler's host).{legend}",
+    "",
+  ]
 
 
 def main() -> int:
@@ -159,13 +161,11 @@ def main() -> int:
   if args.paper_slices:
     return paper_slices(args)
   lines = [
-    f"### Paper configs on {args.topology}, compile-only ({datetime.date.today().isoformat()})",
-    "",
-    "Command: `" + " ".join(["python benchmarks/aot_table.py", *sys.argv[1:]]) + "`; machine: "
-    f"{platform.machine()}, {os.cpu_count()} CPU cores (the compiler's host). Memory in GiB "
-    "per chip; GFLOP per image (analytic: total, with the frozen teacher/tokenizer forward "
-    "in brackets); compile: seconds on this machine.",
-    "",
+    *_heading(
+      f"Paper configs on {args.topology}",
+      " Memory in GiB per chip; GFLOP per image (analytic: total, with the frozen "
+      "teacher/tokenizer forward in brackets); compile: seconds on this machine.",
+    ),
     "| config | step | target | per chip | arguments | temp | total / HBM | XLA GFLOP "
     "| analytic GFLOP (frozen) | XLA / analytic | compile s |",
     "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -175,22 +175,13 @@ def main() -> int:
     report, error = run_one(name, topology, args.set, args.reports_dir, args.reuse)
     lines.append(row(name, report, error, args.set))
     print(lines[-1], flush=True)
-  text = "\n".join(lines) + "\n"
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text)
-  print(text)
+  bench_util.emit(lines, args.out)
   return 0
 
 
 def paper_slices(args) -> int:
   lines = [
-    f"### Paper configs on their papers' GPU counts, compile-only "
-    f"({datetime.date.today().isoformat()})",
-    "",
-    "Command: `" + " ".join(["python benchmarks/aot_table.py", *sys.argv[1:]]) + "`; machine: "
-    f"{platform.machine()}, {os.cpu_count()} CPU cores (the compiler's host).",
-    "",
+    *_heading("Paper configs on their papers' GPU counts"),
     "| config | paper GPUs (source) | remat | step | target | per chip | arguments | temp "
     "| total / HBM | XLA GFLOP | analytic GFLOP (frozen) | XLA / analytic | compile s |",
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -210,11 +201,7 @@ def paper_slices(args) -> int:
       remat = f"on (off: needs {need.group(1)})" if need else "on (at once)"
     lines.append(row(name, report, error, args.set, lead=f"{gpus} ({source}) | {remat} | "))
     print(lines[-1], flush=True)
-  text = "\n".join(lines) + "\n"
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text)
-  print(text)
+  bench_util.emit(lines, args.out)
   return 0
 
 

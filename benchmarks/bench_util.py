@@ -19,3 +19,29 @@ def machine() -> str:
   except AttributeError:
     cores = os.cpu_count()
   return f"{cores} cores, {cpu}, {platform.platform()}"
+
+
+def set_overrides(config, items) -> None:
+  """Applies 'a.b=value' strings to an unlocked ConfigDict; a value is a Python literal
+  (8, 1e-3, True, 'x') or else the string as given."""
+  import ast  # pylint: disable=g-import-not-at-top
+
+  for item in items:
+    key, _, value = item.partition("=")
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    try:
+      node[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[leaf] = value
+
+
+def emit(lines: list[str], out: str = "") -> None:
+  """Prints a markdown table's lines and, with `out`, writes them there too."""
+  text = "\n".join(lines) + "\n"
+  if out:
+    with open(out, "w") as f:
+      f.write(text)
+  print(text)

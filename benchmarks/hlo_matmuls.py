@@ -97,19 +97,15 @@ def main() -> int:
   from mim_jax import flops  # pylint: disable=g-import-not-at-top
   from mim_jax import train  # pylint: disable=g-import-not-at-top
 
+  import bench_util  # pylint: disable=g-import-not-at-top
+
   path, _, arg = args.config.partition(":")
   c = config_lib.load_config(path, arg)
   with c.unlocked():
     if args.batch:
       c.batch_size = args.batch
     c.dtype = "bfloat16"
-    for item in args.set:
-      key, _, value = item.partition("=")
-      *parents, leaf = key.split(".")
-      node = c
-      for part in parents:
-        node = node[part]
-      node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
+    bench_util.set_overrides(c, args.set)
     aot.use_standins(c)
   train.validate_config(c)
   if args.topology == "cpu":
