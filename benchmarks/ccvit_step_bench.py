@@ -232,6 +232,12 @@ def _parse_value(s):
   return {'true': True, 'false': False}.get(s.lower(), s)
 
 
+def _malloc_state():
+  from mim_jax import host_memory  # pylint: disable=import-outside-toplevel
+
+  return host_memory.STATE or 'malloc left as it is'
+
+
 def build_jax(
   variant, batch_size, image_size, dtype, k, num_masked, num_replaced, inputs, overrides=()
 ):
@@ -275,6 +281,7 @@ def build_jax(
   info = {
     'build_s': build_s,
     'first_s': first_s,
+    'malloc': _malloc_state(),
     'box': box,
     'metrics': lambda: {k_: float(v) for k_, v in box['metrics'].items() if np.ndim(v) == 0},
   }
@@ -322,6 +329,7 @@ def build_torch(
   info = {
     'build_s': build_s,
     'first_s': first_s,
+    'malloc': _malloc_state(),
     'box': box,
     'metrics': lambda: box['metrics'],
     'tinfo': tinfo,
@@ -336,12 +344,18 @@ def build_torch(
 # every JAX step after it (ViT-T/16 batch 32: 3.56 s per step before the first torch step,
 # 4.27 s after, 4.39 s after a further 1 s pause; BENCHMARKS.md §11), which no user's
 # training job sees. The machine's own noise remains. --same_process restores the old way.
+#
+# Importing mim_jax on a CPU sets malloc options that keep freed memory in the process
+# (mim_jax/host_memory.py). The PyTorch process imports mim_jax too (for the torchvision shim),
+# so it is started with MIM_JAX_KEEP_FREED_MEMORY=0: it runs on glibc's defaults, as a PyTorch
+# user's job does, unless --torch_keep_freed_memory gives it the same options.
 
 
-def _worker(conn, builder, kwargs):
+def _worker(conn, builder, kwargs, env):
+  os.environ.update(env)  # before anything here imports mim_jax
   sys.path[:0] = [p for p in (_ROOT, _HERE) if p not in sys.path]
   run, info = globals()[builder](**kwargs)
-  conn.send({'build_s': info['build_s'], 'first_s': info['first_s']})
+  conn.send({'build_s': info['build_s'], 'first_s': info['first_s'], 'malloc': info['malloc']})
   while True:
     cmd, arg = conn.recv()
     if cmd == 'run':
@@ -355,13 +369,14 @@ def _worker(conn, builder, kwargs):
       return
 
 
-def build_isolated(builder, meter, **kwargs):
-  """`builder(**kwargs)` (build_jax / build_torch) in a fresh process; the same (run, info)."""
+def build_isolated(builder, meter, env, **kwargs):
+  """`builder(**kwargs)` (build_jax / build_torch) in a fresh process with `env` added to its
+  environment; the same (run, info)."""
   import multiprocessing  # pylint: disable=import-outside-toplevel
 
   ctx = multiprocessing.get_context('spawn')
   parent, child = ctx.Pipe()
-  proc = ctx.Process(target=_worker, args=(child, builder, kwargs), daemon=True)
+  proc = ctx.Process(target=_worker, args=(child, builder, kwargs, env), daemon=True)
   proc.start()
   child.close()
   info = dict(parent.recv())
@@ -423,19 +438,24 @@ def bench_variant(args, variant, batch_size, meter, log):
   def build(builder, **kwargs):
     if args.same_process:
       return globals()[builder](**kwargs)
-    return build_isolated(builder, meter, **kwargs)
+    keep = builder == 'build_jax' or args.torch_keep_freed_memory
+    env = {} if builder == 'build_jax' else {'MIM_JAX_KEEP_FREED_MEMORY': '1' if keep else '0'}
+    return build_isolated(builder, meter, env, **kwargs)
 
   if not args.no_jax:
     for dtype in args.dtype:
       run, info = build('build_jax', dtype=dtype, overrides=args.set, **same)
       log(
         f'  jax {dtype}: build {info["build_s"]:.1f}s, first call '
-        f'(compile + 1 step) {info["first_s"]:.1f}s'
+        f'(compile + 1 step) {info["first_s"]:.1f}s; {info["malloc"]}'
       )
       contenders.append(('JAX (mim_jax)', dtype, run, info))
   if not args.no_torch:
     run, info = build('build_torch', compile_model=False, threads=args.torch_threads, **same)
-    log(f'  torch eager: build {info["build_s"]:.1f}s, first step {info["first_s"]:.1f}s')
+    log(
+      f'  torch eager: build {info["build_s"]:.1f}s, first step {info["first_s"]:.1f}s; '
+      f'{info["malloc"]}'
+    )
     contenders.append(('PyTorch eager (timm)', 'fp32', run, info))
     if args.torch_compile:
       t0 = time.perf_counter()
@@ -534,6 +554,11 @@ def main(argv=None):
     help='both frameworks in this process (torch then slows the JAX step by 20-40 %%)',
   )
   ap.add_argument('--no_torch', action='store_true')
+  ap.add_argument(
+    '--torch_keep_freed_memory',
+    action='store_true',
+    help="give the PyTorch process mim_jax's malloc options too (mim_jax/host_memory.py)",
+  )
   ap.add_argument(
     '--set', action='append', default=[], help='extra JAX config override key=value (repeatable)'
   )

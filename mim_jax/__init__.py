@@ -23,7 +23,24 @@ def _skip_absent_tpu() -> None:
   jax.config.update("jax_platforms", "cpu")
 
 
+def _computes_on_cpu() -> bool:
+  """True when jax will run this process's computations on its CPU: JAX_PLATFORMS names cpu
+  first (as _skip_absent_tpu sets it), or no accelerator plugin (libtpu, or a `jax_plugins`
+  package such as the CUDA one) is installed."""
+  platforms = _os.environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+
+  plugins = _util.find_spec("jax_plugins") or metadata.entry_points(group="jax_plugins")
+  return _util.find_spec("libtpu") is None and not plugins
+
+
 _skip_absent_tpu()
+if _computes_on_cpu():
+  from mim_jax import host_memory as _host_memory  # pylint: disable=g-import-not-at-top
+
+  _host_memory.keep_freed_memory()  # before jax starts its CPU client's threads
 
 
 def __getattr__(name):

@@ -45,7 +45,7 @@ masked, V visible = N - M; a ViT block on n tokens is 24 n D^2 + 4 n^2 D):
   ccvit              CCViT §4: BEiT v2 backbone on T tokens; lm_head and the pixel head on the
                      num_masked + num_replaced selected positions; the pixel block
                      (`head_layers` blocks on T tokens); the centroid tokenizer's distances
-                     over all N patches of image2 (frozen).
+                     at the selected patches of image2 only (frozen; methods/ccvit.py).
   caev2              CAE v2 §2.2: encoder on 1 + V tokens; encoder_to_regresser when the
                      regressor is narrower; per regressor block q/proj/MLP on M queries and
                      k/v on V + M keys, attention M x (V + M); the head on all T tokens; the
@@ -379,7 +379,7 @@ def _ccvit(config, tally: _Tally, s: dict):
   tally.train("lm_head", dense(selected, d, k))
   w, a = vit(n + 1, d, m.head_layers)
   tally.train("pixel_block", w + dense(selected, d, 3 * p * p), a)
-  tally.frozen("tokenizer", dense(n, 3 * p * p, k))  # nearest centroid of every image2 patch
+  tally.frozen("tokenizer", dense(selected, 3 * p * p, k))  # nearest centroid, selected only
 
 
 def _caev2(config, tally: _Tally, s: dict):

@@ -45,6 +45,7 @@ from mim_jax import checkpoint as ckpt_lib
 from mim_jax import cli
 from mim_jax import compile_cache
 from mim_jax import distributed
+from mim_jax import host_memory
 from mim_jax import metrics as metrics_lib
 from mim_jax import perf
 from mim_jax import preemption
@@ -216,6 +217,8 @@ def setup_distributed(config) -> None:
   """jax.distributed from the config / env / an auto-detected cluster (mim_jax.distributed)."""
   distributed.initialize(config)
   PREEMPTION.after_distributed_init()
+  if host_memory.STATE:
+    logging.info("host memory: %s", host_memory.STATE)
   if jax.process_count() > 1:
     logging.info("%s", distributed.describe())
 

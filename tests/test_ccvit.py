@@ -82,10 +82,14 @@ def test_prepare_counts_and_disjointness(method):
 def test_replaced_patches_take_their_own_centroid_before_normalisation(method):
   batch = _batch(method)
   cents = np.asarray(method.tokenizer.centroids)
-  tokens, student, _ = method._corrupt(jax.tree.map(jnp.asarray, batch), jnp.asarray(cents))
+  select, tokens, student, _ = method._corrupt(jax.tree.map(jnp.asarray, batch), jnp.asarray(cents))
   p2 = _patches_cyx(batch["image2"].astype(np.float32) / 255, PATCH)
   ref_tokens = np.argmin(((p2[:, :, None, :] - cents[None, None]) ** 2).sum(-1), -1)
-  np.testing.assert_array_equal(np.asarray(tokens), ref_tokens)
+  # Tokens come only at the masked ∪ replaced positions, in raster order.
+  for i in range(select.shape[0]):
+    expected = np.flatnonzero(batch["mask"][i] | batch["replaced"][i])
+    np.testing.assert_array_equal(np.asarray(select[i]), expected)
+    np.testing.assert_array_equal(np.asarray(tokens[i]), ref_tokens[i, expected])
   # Undo the normalisation and compare patch by patch.
   pixels = np.asarray(student) * IMAGENET_STD + IMAGENET_MEAN
   got = _patches_cyx(pixels, PATCH)
@@ -168,7 +172,7 @@ def test_pixel_block_reads_final_cls_and_layer_l_patches(method):
   batch = _batch(method)
   variables = nn.unbox(method.init(jax.random.PRNGKey(2), batch))
   b = jax.tree.map(jnp.asarray, batch)
-  _, student, _ = method._corrupt(b, method.consts()["centroids"])
+  _, _, student, _ = method._corrupt(b, method.consts()["centroids"])
   seen = {}
 
   def spy(next_fun, args, kwargs, context):

@@ -225,6 +225,60 @@ def test_block_parity_with_timm_block(torch_ref):
   assert _rel_err(out, expected) <= 1e-5
 
 
+def test_block_gradients_match_timm_block(torch_ref):
+  """Backward pass of a block against timm's autograd: input, shared bias and every parameter.
+  Covers vit.softmax's derivative rule, the bias gradient summed over the batch
+  (add_bias_over_batch) and the product written in (B, heads, N, head_dim)."""
+  torch = torch_ref
+  from timm.models.beit import Block as TimmBlock  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(2)
+  ref = TimmBlock(dim=64, num_heads=4, qkv_bias=True, init_values=0.1, window_size=(4, 4))
+  _randomise(torch, ref, seed=2)
+  state = {f'blocks.0.{k}': v for k, v in ref.state_dict().items()}
+  params = convert.beit_from_torch(state, depth=1)['blocks_0']
+  rs = np.random.RandomState(3)
+  x, shared = rs.randn(3, 17, 64).astype(np.float32), rs.randn(4, 17, 17).astype(np.float32)
+  weights = rs.randn(3, 17, 64).astype(np.float32)  # a loss that weighs every output
+  block = vit.Block(dim=64, num_heads=4, rel_pos_grid=(4, 4))
+  loss = lambda p, x, b: jnp.sum(block.apply({'params': p}, x, b) * weights)
+  g_params, g_x, g_bias = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(
+    params, jnp.asarray(x), jnp.asarray(shared)
+  )
+  tx = torch.from_numpy(x).requires_grad_()
+  tb = torch.from_numpy(shared).requires_grad_()
+  (ref(tx, shared_rel_pos_bias=tb[None]) * torch.from_numpy(weights)).sum().backward()
+  assert _rel_err(g_x, tx.grad.numpy()) <= 1e-5
+  assert _rel_err(g_bias, tb.grad.numpy()) <= 1e-5
+  grads = {k: v for k, v in state.items()}  # buffers as they are, parameters by their gradient
+  grads.update({f'blocks.0.{n}': p.grad for n, p in ref.named_parameters()})
+  expected = convert.beit_from_torch(grads, depth=1)['blocks_0']
+  flat, ref_flat = (
+    jax.tree_util.tree_leaves_with_path(g_params),
+    dict(jax.tree_util.tree_leaves_with_path(expected)),
+  )
+  assert len(flat) == len(ref_flat)
+  for path, g in flat:
+    assert _rel_err(g, ref_flat[path]) <= 1e-5, jax.tree_util.keystr(path)
+
+
+def test_softmax_and_bias_rules_equal_plain_autodiff():
+  """vit.softmax and vit.add_bias_over_batch: the same values, gradients and JVPs as
+  jax.nn.softmax and `x + bias[None]`, also with the float32-min fill of a boolean mask."""
+  key = jax.random.split(jax.random.key(0), 3)
+  x = 4.0 * jax.random.normal(key[0], (5, 3, 7, 7))
+  x = x.at[..., 2].set(jnp.finfo(jnp.float32).min)
+  bias, w = jax.random.normal(key[1], (3, 7, 7)), jax.random.normal(key[2], x.shape)
+  ours = lambda x, b: jnp.sum(vit.softmax(vit.add_bias_over_batch(x, b)) * w)
+  plain = lambda x, b: jnp.sum(jax.nn.softmax(x + b[None], axis=-1) * w)
+  np.testing.assert_allclose(ours(x, bias), plain(x, bias), rtol=1e-6)
+  for a, b in zip(jax.grad(ours, (0, 1))(x, bias), jax.grad(plain, (0, 1))(x, bias)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  _, t_ours = jax.jvp(vit.softmax, (x,), (w,))
+  _, t_plain = jax.jvp(lambda x: jax.nn.softmax(x, axis=-1), (x,), (w,))
+  np.testing.assert_allclose(t_ours, t_plain, rtol=1e-5, atol=1e-6)
+
+
 def test_mask_token_mixing_matches_manual_torch(torch_ref):
   torch = torch_ref
   ref = _timm_beit(torch, use_shared_rel_pos_bias=True, use_abs_pos_emb=False)

@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -62,7 +61,7 @@ class CrossAttention(nn.Module):
     logits = jnp.einsum(
       "bhqd,bhkd->bhqk", q * jnp.asarray(hd**-0.5, q.dtype), k, preferred_element_type=jnp.float32
     )
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    probs = vit.softmax(logits).astype(self.dtype)
     out = jnp.einsum("bhqk,bhkd->bqhd", probs, v).reshape(b, nq, self.dim)
     return _dense(self.dim, ("qkv", "embed"), "proj", self.dtype)(out)
 

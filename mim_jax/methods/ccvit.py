@@ -235,21 +235,35 @@ class CCViT:
 
   # ---------------------------------------------------------------- device side
   def _corrupt(self, batch, centroids):
-    """Tokens of view 2, the replaced + normalised student image, and pixel targets."""
+    """(select, tokens, student, patches2): the masked ∪ replaced positions (B, S) in raster
+    order, view 2's token ids there, the replaced + normalised student image, and view 2's
+    patches.
+
+    Only these positions need a token: the token loss's targets and the replaced patches (a
+    subset of them). The official code tokenises every patch of the image
+    (Cakeyan/CCViT_Public:utils.py, kmeans_mask) and uses the same ids where it uses any;
+    tokenising the selected ones alone does S / N of the distance products (95 of 196 at
+    224², BENCHMARKS.md §11).
+    """
+    select_mask = batch["mask"] | batch["replaced"]
+    select = common.selected_positions(select_mask, self.num_selected)
     x1 = batch["image"].astype(jnp.float32) / 255.0
     x2 = batch["image2"].astype(jnp.float32) / 255.0
     patches2 = centroid_lib.patchify(x2, self.patch)  # (B, N, d), (c,y,x)
-    b, n, dim = patches2.shape
-    tokens = kmeans.assign(patches2.reshape(b * n, dim), centroids).reshape(b, n)
+    dim = patches2.shape[-1]
+    picked = jnp.take_along_axis(patches2, select[..., None], axis=1)
+    tokens = kmeans.assign(picked.reshape(-1, dim), centroids).reshape(select.shape)
+    # A selected position's slot in `select` is the number of selected positions before it.
+    slot = jnp.maximum(jnp.cumsum(select_mask.astype(jnp.int32), axis=1) - 1, 0)
+    own_centroid = centroids[jnp.take_along_axis(tokens, slot, axis=1)]
     patches1 = centroid_lib.patchify(x1, self.patch)
-    patches1 = jnp.where(batch["replaced"][..., None], centroids[tokens], patches1)
+    patches1 = jnp.where(batch["replaced"][..., None], own_centroid, patches1)
     student = centroid_lib.unpatchify(patches1, self.patch, self.grid)
     student = (student - self.mean) / self.std  # after replacing
-    return tokens, student, patches2
+    return select, tokens, student, patches2
 
   def _forward(self, params, batch, consts, rng, train):
-    tokens, student, patches2 = self._corrupt(batch, consts["centroids"])
-    select = common.selected_positions(batch["mask"] | batch["replaced"], self.num_selected)
+    select, targets, student, patches2 = self._corrupt(batch, consts["centroids"])
     dtype = self.vit_kw["dtype"]
     logits, pixels = self.model.apply(
       {"params": params},
@@ -259,7 +273,6 @@ class CCViT:
       train=train,
       rngs={"dropout": rng} if train else {},
     )
-    targets = jnp.take_along_axis(tokens, select, axis=1)
     pixel_targets = per_patch_normalize(jnp.take_along_axis(patches2, select[..., None], axis=1))
     return logits, pixels, targets, pixel_targets, select
 
@@ -298,7 +311,9 @@ class CCViT:
     logits, pixels, targets, _, select = jax.jit(
       lambda p, b: self._forward(p, b, consts, None, False)
     )(params, batch)
-    tokens, _, patches2 = self._corrupt(jax.tree.map(jnp.asarray, batch), centroids)
+    _, _, _, patches2 = self._corrupt(jax.tree.map(jnp.asarray, batch), centroids)
+    b, n, dim = patches2.shape
+    tokens = kmeans.assign(patches2.reshape(b * n, dim), centroids).reshape(b, n)
     pred = jnp.argmax(logits, -1)
     rows = jnp.arange(patches2.shape[0])[:, None]
     predicted = patches2.at[rows, select].set(centroids[pred])

@@ -339,15 +339,17 @@ class Attention(nn.Module):
     q = q * jnp.asarray(head_dim**-0.5, q.dtype)
     logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
     if rel_pos_bias is not None:
-      logits = logits + rel_pos_bias.astype(jnp.float32)[..., :n][None]
+      logits = add_bias_over_batch(logits, rel_pos_bias.astype(jnp.float32)[..., :n])
     if attn_mask is not None:
       attn_mask = attn_mask[..., :n]
       if attn_mask.dtype == jnp.bool_:
         logits = jnp.where(attn_mask, logits, jnp.finfo(jnp.float32).min)
       else:
         logits = logits + attn_mask.astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum('bhqk,bhkd->bqhd', probs, v.astype(self.dtype))
+    probs = softmax(logits).astype(self.dtype)
+    # Product in (B, heads, N, head_dim), then the transpose: written straight to 'bqhd',
+    # XLA:CPU computed it transposed with its generic dot (BENCHMARKS.md §11).
+    out = jnp.einsum('bhqk,bhkd->bhqd', probs, v.astype(self.dtype)).transpose(0, 2, 1, 3)
     out = out.reshape(batch, length, self.dim)
     kernel_init, bias_init = _dense_inits(self.weight_init, self.dim)
     return Dense(
@@ -360,6 +362,56 @@ class Attention(nn.Module):
       bias_init=_named(bias_init, ('embed',)),
       name='proj',
     )(out)
+
+
+def _sum_over_batch(g: jax.Array) -> jax.Array:
+  """Sum over the leading axis. On CPU as a product with a ones vector: XLA:CPU reduced a
+  leading axis ~9x slower (the attention bias gradient, (32, 3, 197, 197): 21 against 2.4 ms,
+  BENCHMARKS.md §11). Either form contracts the batch axis, so a batch-sharded gradient needs
+  one all-reduce; other platforms keep the reduction."""
+
+  def ones_product(g):
+    flat = g.reshape(g.shape[0], -1)
+    ones = jnp.ones((g.shape[0],), g.dtype)
+    total = lax.dot_general(ones, flat, (((0,), (0,)), ((), ())), precision='highest')
+    return total.reshape(g.shape[1:])
+
+  return lax.platform_dependent(g, cpu=ones_product, default=lambda g: jnp.sum(g, axis=0))
+
+
+@jax.custom_vjp
+def add_bias_over_batch(x: jax.Array, bias: jax.Array) -> jax.Array:
+  """x + bias[None]: a (heads, Q, K) bias on (B, heads, Q, K) attention logits, whose bias
+  gradient is `_sum_over_batch`."""
+  return x + bias[None]
+
+
+def _add_bias_fwd(x, bias):
+  return x + bias[None], None
+
+
+def _add_bias_bwd(_, g):
+  return g, _sum_over_batch(g)
+
+
+add_bias_over_batch.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+@jax.custom_jvp
+def softmax(x: jax.Array) -> jax.Array:
+  """Softmax over the last axis whose derivative is PyTorch's: y * (dy - sum(dy * y)), from
+  the output alone. jax.nn.softmax (unless `jax_softmax_custom_jvp` is set) is differentiated
+  through its division, which keeps the (B, heads, N, N) broadcast of 1 / sum for the backward
+  pass and adds work to every layer's attention gradient (BENCHMARKS.md §11)."""
+  unnormalized = jnp.exp(x - lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))
+  return unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals, tangents):
+  (x,), (x_dot,) = primals, tangents
+  y = softmax(x)
+  return y, y * (x_dot - jnp.sum(y * x_dot, axis=-1, keepdims=True))
 
 
 def gelu(x):

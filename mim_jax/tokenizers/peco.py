@@ -122,7 +122,7 @@ class AttnBlock(nn.Module):
       _conv(c, 1, c, padding="VALID", name=n)(h).reshape(b, hgt * wid, c) for n in ("q", "k", "v")
     )
     logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) * c**-0.5
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    probs = vit.softmax(logits).astype(v.dtype)
     h = jnp.einsum("bqk,bkc->bqc", probs, v).reshape(b, hgt, wid, c)
     return x + _conv(c, 1, c, padding="VALID", name="proj_out")(h)
 
