@@ -345,10 +345,10 @@ def build_torch(
 # 4.27 s after, 4.39 s after a further 1 s pause; BENCHMARKS.md §11), which no user's
 # training job sees. The machine's own noise remains. --same_process restores the old way.
 #
-# Importing mim_jax on a CPU sets malloc options that keep freed memory in the process
-# (mim_jax/host_memory.py). The PyTorch process imports mim_jax too (for the torchvision shim),
-# so it is started with MIM_JAX_KEEP_FREED_MEMORY=0: it runs on glibc's defaults, as a PyTorch
-# user's job does, unless --torch_keep_freed_memory gives it the same options.
+# mim_jax/host_memory.py's malloc options are opt-in (MIM_JAX_KEEP_FREED_MEMORY=1). Each process
+# gets the variable explicitly: --keep_freed_memory for the JAX one, --torch_keep_freed_memory
+# for the PyTorch one (which imports mim_jax for the torchvision shim); by default both run on
+# glibc's defaults.
 
 
 def _worker(conn, builder, kwargs, env):
@@ -438,8 +438,8 @@ def bench_variant(args, variant, batch_size, meter, log):
   def build(builder, **kwargs):
     if args.same_process:
       return globals()[builder](**kwargs)
-    keep = builder == 'build_jax' or args.torch_keep_freed_memory
-    env = {} if builder == 'build_jax' else {'MIM_JAX_KEEP_FREED_MEMORY': '1' if keep else '0'}
+    keep = args.keep_freed_memory if builder == 'build_jax' else args.torch_keep_freed_memory
+    env = {'MIM_JAX_KEEP_FREED_MEMORY': '1' if keep else '0'}
     return build_isolated(builder, meter, env, **kwargs)
 
   if not args.no_jax:
@@ -554,6 +554,11 @@ def main(argv=None):
     help='both frameworks in this process (torch then slows the JAX step by 20-40 %%)',
   )
   ap.add_argument('--no_torch', action='store_true')
+  ap.add_argument(
+    '--keep_freed_memory',
+    action='store_true',
+    help='run the JAX process with MIM_JAX_KEEP_FREED_MEMORY=1 (mim_jax/host_memory.py)',
+  )
   ap.add_argument(
     '--torch_keep_freed_memory',
     action='store_true',

@@ -37,10 +37,10 @@ def _computes_on_cpu() -> bool:
 
 
 _skip_absent_tpu()
-if _computes_on_cpu():
+if _os.environ.get("MIM_JAX_KEEP_FREED_MEMORY") and _computes_on_cpu():
   from mim_jax import host_memory as _host_memory  # pylint: disable=g-import-not-at-top
 
-  _host_memory.keep_freed_memory()  # before jax starts its CPU client's threads
+  _host_memory.keep_freed_memory()  # opt-in; before jax starts its CPU client's threads
 
 
 def __getattr__(name):

