@@ -5,8 +5,8 @@ XLA:CPU allocates an executable's temporary buffers when it runs and frees them 
 glibc's malloc serves a block over 32 MiB, and any block of a worker thread's arena whose heap
 empties, with fresh pages from the kernel and gives them back on free. So every step faults its
 whole working set in again, page by page: the CCViT ViT-T/16 step at batch 32 took 630,000 page
-faults and 1.2 s of kernel time per step, about 15 % of its wall time on 2 cores
-(BENCHMARKS.md §11). Eager PyTorch, whose tensors are mostly smaller, mostly reuses memory.
+faults and 1.2 s of kernel time per step; avoiding them made that step about 10 % faster on
+2 cores (BENCHMARKS.md §11).
 
 `keep_freed_memory()` sets three malloc options (mallopt(3)) so that later steps reuse earlier
 steps' memory: one arena for every thread (M_ARENA_MAX), no mmap for large blocks
