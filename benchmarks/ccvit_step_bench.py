@@ -235,7 +235,7 @@ def _parse_value(s):
 def _malloc_state():
   from mim_jax import host_memory  # pylint: disable=import-outside-toplevel
 
-  return host_memory.STATE or 'malloc left as it is'
+  return host_memory.state()
 
 
 def build_jax(
@@ -345,14 +345,14 @@ def build_torch(
 # 4.27 s after, 4.39 s after a further 1 s pause; BENCHMARKS.md §11), which no user's
 # training job sees. The machine's own noise remains. --same_process restores the old way.
 #
-# mim_jax/host_memory.py's malloc options are opt-in (MIM_JAX_KEEP_FREED_MEMORY=1). Each process
-# gets the variable explicitly: --keep_freed_memory for the JAX one, --torch_keep_freed_memory
-# for the PyTorch one (which imports mim_jax for the torchvision shim); by default both run on
-# glibc's defaults.
+# The JAX process starts the way `python -m mim_jax.train` starts: with the huge-page malloc
+# tunable of mim_jax/host_memory.py (--jax_malloc=default: without it). The PyTorch process
+# starts on glibc's defaults, as a PyTorch user's does (--torch_malloc=huge_pages: with the
+# same tunable). glibc reads it only at a process's start, so it is in the environment the
+# process is spawned with.
 
 
-def _worker(conn, builder, kwargs, env):
-  os.environ.update(env)  # before anything here imports mim_jax
+def _worker(conn, builder, kwargs):
   sys.path[:0] = [p for p in (_ROOT, _HERE) if p not in sys.path]
   run, info = globals()[builder](**kwargs)
   conn.send({'build_s': info['build_s'], 'first_s': info['first_s'], 'malloc': info['malloc']})
@@ -370,14 +370,21 @@ def _worker(conn, builder, kwargs, env):
 
 
 def build_isolated(builder, meter, env, **kwargs):
-  """`builder(**kwargs)` (build_jax / build_torch) in a fresh process with `env` added to its
-  environment; the same (run, info)."""
+  """`builder(**kwargs)` (build_jax / build_torch) in a fresh process started with environment
+  `env`; the same (run, info)."""
   import multiprocessing  # pylint: disable=import-outside-toplevel
 
   ctx = multiprocessing.get_context('spawn')
   parent, child = ctx.Pipe()
-  proc = ctx.Process(target=_worker, args=(child, builder, kwargs, env), daemon=True)
-  proc.start()
+  proc = ctx.Process(target=_worker, args=(child, builder, kwargs), daemon=True)
+  saved = dict(os.environ)
+  os.environ.clear()
+  os.environ.update(env)
+  try:
+    proc.start()  # the spawned interpreter inherits os.environ as it is now
+  finally:
+    os.environ.clear()
+    os.environ.update(saved)
   child.close()
   info = dict(parent.recv())
 
@@ -438,8 +445,13 @@ def bench_variant(args, variant, batch_size, meter, log):
   def build(builder, **kwargs):
     if args.same_process:
       return globals()[builder](**kwargs)
-    keep = args.keep_freed_memory if builder == 'build_jax' else args.torch_keep_freed_memory
-    env = {'MIM_JAX_KEEP_FREED_MEMORY': '1' if keep else '0'}
+    from mim_jax import host_memory  # pylint: disable=import-outside-toplevel
+
+    malloc = args.jax_malloc if builder == 'build_jax' else args.torch_malloc
+    plain = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+    env = dict(plain, **{host_memory.ENV: '0'})
+    if malloc == 'huge_pages':
+      env = host_memory.huge_pages_env(dict(plain))[0] or env
     return build_isolated(builder, meter, env, **kwargs)
 
   if not args.no_jax:
@@ -555,14 +567,16 @@ def main(argv=None):
   )
   ap.add_argument('--no_torch', action='store_true')
   ap.add_argument(
-    '--keep_freed_memory',
-    action='store_true',
-    help='run the JAX process with MIM_JAX_KEEP_FREED_MEMORY=1 (mim_jax/host_memory.py)',
+    '--jax_malloc',
+    choices=('huge_pages', 'default'),
+    default='huge_pages',
+    help='huge_pages: as `python -m mim_jax.train` runs (mim_jax/host_memory.py)',
   )
   ap.add_argument(
-    '--torch_keep_freed_memory',
-    action='store_true',
-    help="give the PyTorch process mim_jax's malloc options too (mim_jax/host_memory.py)",
+    '--torch_malloc',
+    choices=('default', 'huge_pages'),
+    default='default',
+    help="huge_pages: give the PyTorch process mim_jax's malloc tunable too",
   )
   ap.add_argument(
     '--set', action='append', default=[], help='extra JAX config override key=value (repeatable)'

@@ -3,6 +3,8 @@
 import importlib.util as _util
 import os as _os
 
+from mim_jax import host_memory as _host_memory
+
 
 def _skip_absent_tpu() -> None:
   """libtpu is an optional extra for compile-only TPU targets (`python -m mim_jax.aot`,
@@ -23,24 +25,10 @@ def _skip_absent_tpu() -> None:
   jax.config.update("jax_platforms", "cpu")
 
 
-def _computes_on_cpu() -> bool:
-  """True when jax will run this process's computations on its CPU: JAX_PLATFORMS names cpu
-  first (as _skip_absent_tpu sets it), or no accelerator plugin (libtpu, or a `jax_plugins`
-  package such as the CUDA one) is installed."""
-  platforms = _os.environ.get("JAX_PLATFORMS", "").strip()
-  if platforms:
-    return platforms.split(",")[0].strip() == "cpu"
-  from importlib import metadata  # pylint: disable=g-import-not-at-top
-
-  plugins = _util.find_spec("jax_plugins") or metadata.entry_points(group="jax_plugins")
-  return _util.find_spec("libtpu") is None and not plugins
-
-
+# `python -m mim_jax.X` starts again with huge pages for malloc (mim_jax/host_memory.py): first,
+# before jax is imported. Any other process returns from this at once.
+_host_memory.restart_with_huge_pages()
 _skip_absent_tpu()
-if _os.environ.get("MIM_JAX_KEEP_FREED_MEMORY") and _computes_on_cpu():
-  from mim_jax import host_memory as _host_memory  # pylint: disable=g-import-not-at-top
-
-  _host_memory.keep_freed_memory()  # opt-in; before jax starts its CPU client's threads
 
 
 def __getattr__(name):

@@ -1,82 +1,123 @@
-"""Host memory of a CPU run, opt-in (MIM_JAX_KEEP_FREED_MEMORY=1): freed memory stays in the
-process for the next step.
+"""Host memory of a CPU run: transparent huge pages for XLA:CPU's per-step temporaries.
 
-XLA:CPU allocates an executable's temporary buffers when it runs and frees them when it is done.
-glibc's malloc serves a block over 32 MiB, and any block of a worker thread's arena whose heap
-empties, with fresh pages from the kernel and gives them back on free. So every step faults its
-whole working set in again, page by page: the CCViT ViT-T/16 step at batch 32 took 630,000 page
-faults and 1.2 s of kernel time per step; avoiding them made that step about 10 % faster on
-2 cores (BENCHMARKS.md §11).
+XLA:CPU packs an executable's temporaries into one block that it allocates when the step runs
+and frees when it ends (the CCViT ViT-T/16 step at batch 32: 2.07 GiB). glibc's malloc maps a
+block that large from the kernel on every call and unmaps it on free, so every step faults its
+working set in again, 4 KiB at a time: 620,000 page faults and 1.2 s of kernel time per step
+on 2 cores. With glibc's tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35), malloc asks the
+kernel for transparent huge pages on the blocks it maps (madvise MADV_HUGEPAGE; the kernel's
+THP mode must be `madvise` or `always`). Nothing else in the allocator changes, so there is no
+fragmentation and no extra resident memory across steps: the same step then takes 2,000-4,000
+faults and 0.28 s of kernel time, and runs 20 % faster (BENCHMARKS.md §11, "Page faults").
 
-`keep_freed_memory()` sets three malloc options (mallopt(3)) so that later steps reuse earlier
-steps' memory: one arena for every thread (M_ARENA_MAX), no mmap for large blocks
-(M_MMAP_MAX), and no trimming of the heap's top (M_TRIM_THRESHOLD). It is opt-in because of
-what it costs: the process keeps its peak memory, and fragmentation grows the heap whenever a
-step's temporaries no longer fit in the freed space. A toy step with ~0.5 GiB of temporaries
-grew from 0.8 to 3.3 GiB resident over 15 steps (tests/test_host_memory.py's step), the CCViT
-T/16 step from 3.0 to 5.1 GiB in some runs. The options only reach threads that have not
-allocated yet, so `mim_jax/__init__.py` applies them at import, before jax starts its CPU
-client, when MIM_JAX_KEEP_FREED_MEMORY=1 and the process will compute on the CPU (Linux, glibc).
-Other ways to fewer faults, set before Python starts (then this module leaves malloc alone):
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages: 512x fewer faults), or a caching
-malloc such as tcmalloc or jemalloc in LD_PRELOAD.
+glibc reads tunables only when a process starts. So `import mim_jax`, when the process is one
+of this package's command lines (`python -m mim_jax.train`, `python -m mim_jax.evaluate`, ...),
+starts the same command again, once, with the tunable added to GLIBC_TUNABLES (os.execve: the
+same process id, arguments and open files), before jax is imported. A script that imports
+mim_jax as a library gets the same by starting Python with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1. MIM_JAX_HUGE_PAGES=0 turns it off; a GLIBC_TUNABLES
+that already sets a malloc tunable, or an allocator in LD_PRELOAD, is left as it is.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import sys
 
-ENV = "MIM_JAX_KEEP_FREED_MEMORY"
-
-# glibc's malloc.h parameter numbers.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
-
-# What keep_freed_memory() did, for the run's log ("" until it is called).
-STATE = ""
+ENV = "MIM_JAX_HUGE_PAGES"
+TUNABLE = "glibc.malloc.hugetlb=1"
+_THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
 
 
-def _glibc():
-  """glibc as a ctypes library, or None (another libc, or not Linux)."""
-  if not sys.platform.startswith("linux"):
-    return None
+def _glibc_version() -> tuple[int, int] | None:
+  """glibc's (major, minor), or None for another C library."""
   try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    libc.gnu_get_libc_version.restype = ctypes.c_char_p
-    libc.gnu_get_libc_version()
-  except (OSError, AttributeError):  # musl and others have no gnu_get_libc_version
+    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # "glibc 2.36"
+    major, minor = version.split(".")[:2]
+    return (int(major), int(minor)) if name == "glibc" else None
+  except (AttributeError, OSError, ValueError):  # not Linux, or musl (no such name)
     return None
-  return libc
 
 
-def keep_freed_memory() -> bool:
-  """Sets the malloc options above; True when they took effect. Idempotent."""
-  global STATE
-  if os.environ.get(ENV, "0").strip().lower() not in ("1", "true", "yes", "on"):
-    STATE = f"malloc left as it is ({ENV}=1 keeps freed memory)"
-    return False
-  preload = os.environ.get("LD_PRELOAD", "")
-  if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(
-    name in preload for name in ("tcmalloc", "jemalloc", "mimalloc")
-  ):
-    STATE = "malloc left as it is (the user's GLIBC_TUNABLES or LD_PRELOAD allocator)"
-    return False
-  libc = _glibc()
-  if libc is None:
-    STATE = "malloc left as it is (not glibc)"
-    return False
-  # mallopt returns 1 on success. Trim threshold -1: never give the heap's top back.
-  done = [
-    libc.mallopt(p, v) for p, v in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
-  ]
-  ok = all(done)
-  STATE = (
-    "malloc keeps freed memory (one arena, no mmap, no trim: mim_jax/host_memory.py)"
-    if ok
-    else f"malloc options not all set (mallopt returned {done})"
-  )
-  return ok
+def _thp_mode() -> str:
+  """The kernel's transparent-huge-page mode ('always', 'madvise', 'never'), '' if unknown."""
+  try:
+    with open(_THP_MODE, encoding="ascii") as f:
+      modes = f.read().split()
+  except OSError:
+    return ""
+  chosen = [m for m in modes if m.startswith("[")]
+  return chosen[0].strip("[]") if chosen else ""
+
+
+def huge_pages_env(environ=None) -> tuple[dict | None, str]:
+  """(the environment to run with, why) when the process should add the tunable, else
+  (None, why not)."""
+  environ = os.environ if environ is None else environ
+  if environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    return None, f"malloc left as it is ({ENV}=0)"
+  tunables = environ.get("GLIBC_TUNABLES", "")
+  if TUNABLE in tunables.split(":"):
+    return None, f"huge pages for malloc's mapped blocks (GLIBC_TUNABLES={tunables})"
+  if "glibc.malloc." in tunables or any(a in environ.get("LD_PRELOAD", "") for a in _ALLOCATORS):
+    return None, "malloc left as it is (the user's GLIBC_TUNABLES or LD_PRELOAD allocator)"
+  version = _glibc_version()
+  if version is None or version < (2, 35):
+    return None, "malloc left as it is (no glibc >= 2.35: no glibc.malloc.hugetlb)"
+  mode = _thp_mode()
+  if mode not in ("madvise", "always"):
+    return None, f"malloc left as it is (the kernel's transparent huge pages: {mode or 'none'})"
+  env = dict(environ, GLIBC_TUNABLES=":".join(t for t in (tunables, TUNABLE) if t))
+  return env, f"huge pages for malloc's mapped blocks (GLIBC_TUNABLES={env['GLIBC_TUNABLES']})"
+
+
+def _command_line_module() -> str | None:
+  """'mim_jax.X' when this process was started as `python [options] -m mim_jax.X ...`."""
+  argv = list(getattr(sys, "orig_argv", ()))[1:]
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg == "--check-hash-based-pycs":
+      i += 2
+      continue
+    if not arg.startswith("-") or arg in ("-", "--") or arg.startswith("--"):
+      return None  # a script, stdin, or an option of no interest: not a module run
+    for j, letter in enumerate(arg[1:], start=2):  # a cluster of short options, e.g. -um
+      if letter in "cmWX":
+        value = arg[j:] or (argv[i + 1] if i + 1 < len(argv) else "")
+        i += 1 if arg[j:] else 2
+        if letter == "c":
+          return None
+        if letter == "m":
+          ours = value == "mim_jax" or value.startswith("mim_jax.")
+          return value if ours else None
+        break
+    else:
+      i += 1
+  return None
+
+
+def restart_with_huge_pages() -> None:
+  """Starts this `python -m mim_jax.X` process again with the tunable set (see above); returns
+  without doing anything for any other process, or when huge_pages_env says no."""
+  if not sys.platform.startswith("linux") or _command_line_module() is None:
+    return
+  env, _ = huge_pages_env()
+  if env is None:
+    return
+  for stream in (sys.stdout, sys.stderr):
+    if stream is not None:
+      stream.flush()
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def state() -> str:
+  """What this process runs with, for the run's log."""
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  if TUNABLE in tunables.split(":"):
+    return f"huge pages for malloc's mapped blocks (GLIBC_TUNABLES={tunables})"
+  env, why = huge_pages_env()
+  if env is None:
+    return why
+  return f"malloc on 4 KiB pages (start Python with GLIBC_TUNABLES={TUNABLE} for huge pages)"

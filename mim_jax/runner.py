@@ -217,8 +217,8 @@ def setup_distributed(config) -> None:
   """jax.distributed from the config / env / an auto-detected cluster (mim_jax.distributed)."""
   distributed.initialize(config)
   PREEMPTION.after_distributed_init()
-  if host_memory.STATE:
-    logging.info("host memory: %s", host_memory.STATE)
+  if jax.default_backend() == "cpu":  # XLA:CPU's temporaries are host memory
+    logging.info("host memory: %s", host_memory.state())
   if jax.process_count() > 1:
     logging.info("%s", distributed.describe())
 
