@@ -38,8 +38,9 @@ def test_command_line_restarts_with_huge_pages_and_faults_far_less():
   assert plain["state"] == "malloc left as it is (MIM_JAX_HUGE_PAGES=0)", plain
   # glibc's defaults: each step maps its temporaries afresh (64 MiB = 16,384 small pages each).
   assert plain["faults_per_step"] > 16_384, plain
-  # 2 MiB pages: 512x fewer in principle; a loaded machine may not find every huge page.
-  assert huge["faults_per_step"] < plain["faults_per_step"] / 8, (huge, plain)
+  # 2 MiB pages: 512x fewer in principle (195x measured); a loaded machine may not find every
+  # huge page, and the kernel then falls back to small ones.
+  assert huge["faults_per_step"] < plain["faults_per_step"] / 4, (huge, plain)
 
 
 def test_a_library_process_is_not_restarted(monkeypatch):
