@@ -101,7 +101,9 @@ def _command_line_module() -> str | None:
 def restart_with_huge_pages() -> None:
   """Starts this `python -m mim_jax.X` process again with the tunable set (see above); returns
   without doing anything for any other process, or when huge_pages_env says no."""
-  if not sys.platform.startswith("linux") or _command_line_module() is None:
+  if not sys.platform.startswith("linux") or not sys.executable:
+    return
+  if _command_line_module() is None:
     return
   env, _ = huge_pages_env()
   if env is None:
@@ -109,7 +111,10 @@ def restart_with_huge_pages() -> None:
   for stream in (sys.stdout, sys.stderr):
     if stream is not None:
       stream.flush()
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  try:
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  except OSError as e:  # run on without huge pages rather than not at all
+    print(f"mim_jax: could not restart with {TUNABLE} ({e}); running without", file=sys.stderr)
 
 
 def state() -> str:

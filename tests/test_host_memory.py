@@ -86,3 +86,18 @@ def test_rules_leave_the_users_choices_alone(monkeypatch):
   assert "never" in host_memory.huge_pages_env({})[1]
   monkeypatch.setattr(host_memory, "_glibc_version", lambda: (2, 31))
   assert "2.35" in host_memory.huge_pages_env({})[1]
+
+
+def test_a_failed_restart_runs_on_without_huge_pages(monkeypatch, capsys):
+  monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "mim_jax.train"])
+  monkeypatch.setattr(host_memory, "huge_pages_env", lambda: ({"GLIBC_TUNABLES": "x"}, ""))
+  calls = []
+
+  def execve(*args):
+    calls.append(args)
+    raise PermissionError("denied")
+
+  monkeypatch.setattr(os, "execve", execve)
+  host_memory.restart_with_huge_pages()
+  assert calls and calls[0][1][1:] == ["-m", "mim_jax.train"], calls
+  assert "could not restart" in capsys.readouterr().err
