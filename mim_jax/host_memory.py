@@ -1,14 +1,18 @@
 """Host memory of a CPU run: transparent huge pages for XLA:CPU's per-step temporaries.
 
 XLA:CPU packs an executable's temporaries into one block that it allocates when the step runs
-and frees when it ends (the CCViT ViT-T/16 step at batch 32: 2.07 GiB). glibc's malloc maps a
+and frees when it ends (the CCViT ViT-T/16 step at batch 32: 2.18 GiB). glibc's malloc maps a
 block that large from the kernel on every call and unmaps it on free, so every step faults its
 working set in again, 4 KiB at a time: 620,000 page faults and 1.2 s of kernel time per step
 on 2 cores. With glibc's tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35), malloc asks the
 kernel for transparent huge pages on the blocks it maps (madvise MADV_HUGEPAGE; the kernel's
 THP mode must be `madvise` or `always`). Nothing else in the allocator changes, so there is no
 fragmentation and no extra resident memory across steps: the same step then takes 2,000-4,000
-faults and 0.28 s of kernel time, and runs 20 % faster (BENCHMARKS.md §11, "Page faults").
+faults and 0.28 s of kernel time, and runs 20 % faster (BENCHMARKS.md §11, "The default
+re-measured"). The cost: where another large process keeps fragmenting memory, the kernel
+compacts it to find the ~1,000 huge pages each step maps (1.5-5 s of kernel time per step
+in some rounds beside a PyTorch process, in that measurement), which can cost more than the
+faults it saves.
 
 glibc reads tunables only when a process starts. So `import mim_jax`, when the process is one
 of this package's command lines (`python -m mim_jax.train`, `python -m mim_jax.evaluate`, ...),
