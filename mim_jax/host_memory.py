@@ -29,6 +29,7 @@ import os
 import sys
 
 ENV = "MIM_JAX_HUGE_PAGES"
+_RESTARTED = "MIM_JAX_HUGE_PAGES_RESTARTED"  # the pid that restarted: never twice (a loop guard)
 TUNABLE = "glibc.malloc.hugetlb=1"
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 _ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
@@ -107,11 +108,12 @@ def restart_with_huge_pages() -> None:
   without doing anything for any other process, or when huge_pages_env says no."""
   if not sys.platform.startswith("linux") or not sys.executable:
     return
-  if _command_line_module() is None:
+  if _command_line_module() is None or os.environ.get(_RESTARTED) == str(os.getpid()):
     return
   env, _ = huge_pages_env()
   if env is None:
     return
+  env[_RESTARTED] = str(os.getpid())  # execve keeps the pid
   for stream in (sys.stdout, sys.stderr):
     if stream is not None:
       stream.flush()

@@ -101,3 +101,7 @@ def test_a_failed_restart_runs_on_without_huge_pages(monkeypatch, capsys):
   host_memory.restart_with_huge_pages()
   assert calls and calls[0][1][1:] == ["-m", "mim_jax.train"], calls
   assert "could not restart" in capsys.readouterr().err
+  # The restarted process (same pid) never restarts again, whatever its environment says.
+  monkeypatch.setenv("MIM_JAX_HUGE_PAGES_RESTARTED", str(os.getpid()))
+  host_memory.restart_with_huge_pages()
+  assert len(calls) == 1, calls
