@@ -60,11 +60,11 @@ def huge_pages_env(environ=None) -> tuple[dict | None, str]:
   """(the environment to run with, why) when the process should add the tunable, else
   (None, why not)."""
   environ = os.environ if environ is None else environ
+  tunables = environ.get("GLIBC_TUNABLES", "")
+  if TUNABLE in tunables.split(":"):  # already on (a restarted process, or the user's setting)
+    return None, f"huge pages for malloc's mapped blocks (GLIBC_TUNABLES={tunables})"
   if environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
     return None, f"malloc left as it is ({ENV}=0)"
-  tunables = environ.get("GLIBC_TUNABLES", "")
-  if TUNABLE in tunables.split(":"):
-    return None, f"huge pages for malloc's mapped blocks (GLIBC_TUNABLES={tunables})"
   if "glibc.malloc." in tunables or any(a in environ.get("LD_PRELOAD", "") for a in _ALLOCATORS):
     return None, "malloc left as it is (the user's GLIBC_TUNABLES or LD_PRELOAD allocator)"
   version = _glibc_version()
@@ -125,9 +125,6 @@ def restart_with_huge_pages() -> None:
 
 def state() -> str:
   """What this process runs with, for the run's log."""
-  tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if TUNABLE in tunables.split(":"):
-    return f"huge pages for malloc's mapped blocks (GLIBC_TUNABLES={tunables})"
   env, why = huge_pages_env()
   if env is None:
     return why
