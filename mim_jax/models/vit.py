@@ -331,8 +331,12 @@ class Attention(nn.Module):
         q_rest = q_rest + q_bias.astype(q_rest.dtype)
     # (3, B, heads, N, head_dim): batch and head axes leading, which XLA:CPU's batched
     # matmuls run ~25 % faster than the 'bqhd' layout (measured, fwd + bwd).
+    # On CPU the gradient of (B, N, 3 * dim) is then written once, read by the qkv weight's and
+    # input's products and the bias sum; and split's gradient is one concatenation, where
+    # indexing's was three zero-padded copies summed (BENCHMARKS.md §11).
+    qkv = materialized_gradient(qkv)
     qkv = qkv.reshape(batch, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
+    q, k, v = (t[0] for t in lax.split(qkv, (1, 1, 1), axis=0))
     if q_rest is not None:
       q_rest = q_rest.reshape(batch, length - n, self.num_heads, head_dim).transpose(0, 2, 1, 3)
       q = jnp.concatenate([q, q_rest], axis=2)
@@ -377,6 +381,40 @@ def _sum_over_batch(g: jax.Array) -> jax.Array:
     return total.reshape(g.shape[1:])
 
   return lax.platform_dependent(g, cpu=ones_product, default=lambda g: jnp.sum(g, axis=0))
+
+
+def _written_once(g: jax.Array) -> jax.Array:
+  """g through a conditional, which XLA:CPU does not fuse across, so g gets its own buffer.
+
+  The branches agree while g's first element is finite; otherwise g is already non-finite
+  and the second branch makes all of it NaN, which the step's guard treats the same.
+  (`lax.optimization_barrier` would say this more plainly, but XLA:CPU removes it before
+  fusion.)"""
+  first = g.reshape(-1)[0]
+  return lax.cond(jnp.isfinite(first), lambda g: g, lambda g: g + 0 * first, g)
+
+
+@jax.custom_vjp
+def materialized_gradient(x: jax.Array) -> jax.Array:
+  """Identity whose gradient is computed into a buffer of its own on one CPU device (elsewhere,
+  and over a mesh of several devices: plain identity).
+
+  Placed on the residual stream of every block. Without it XLA:CPU's fusion pass copies the
+  residual gradient's chain of additions into each fusion that reads it, and every block's
+  backward fusions recompute the sums of all the blocks after it: in the CCViT ViT-B/16
+  step, 70 fusions of up to 620 operations, 440 ms of a 6.7 s step (BENCHMARKS.md §11).
+  """
+  return x
+
+
+def _materialized_gradient_bwd(_, g):
+  if jax.sharding.get_abstract_mesh().size > 1:
+    # Sharded, the conditional's predicate would cost an all-reduce per use.
+    return (g,)
+  return (lax.platform_dependent(g, cpu=_written_once, default=lambda g: g),)
+
+
+materialized_gradient.defvjp(lambda x: (x, None), _materialized_gradient_bwd)
 
 
 @jax.custom_vjp
@@ -535,10 +573,11 @@ class Block(nn.Module):
     else:
       gamma_1 = gamma_2 = None
 
+    x = materialized_gradient(x)
     branch = attn(_apply_norm(norm1, x), rel_pos_bias, attn_mask)
     if gamma_1 is not None:
       branch = gamma_1 * branch
-    x = x + _drop_path(self, branch, drop_rate, train)
+    x = materialized_gradient(x + _drop_path(self, branch, drop_rate, train))
     branch = mlp(_apply_norm(norm2, x))
     if gamma_2 is not None:
       branch = gamma_2 * branch
