@@ -399,10 +399,11 @@ def materialized_gradient(x: jax.Array) -> jax.Array:
   """Identity whose gradient is computed into a buffer of its own on one CPU device (elsewhere,
   and over a mesh of several devices: plain identity).
 
-  Placed on the residual stream of every block. Without it XLA:CPU's fusion pass copies the
-  residual gradient's chain of additions into each fusion that reads it, and every block's
-  backward fusions recompute the sums of all the blocks after it: in the CCViT ViT-B/16
-  step, 70 fusions of up to 620 operations, 440 ms of a 6.7 s step (BENCHMARKS.md §11).
+  Placed on the residual stream of every block (and on Attention's qkv product). Without it
+  XLA:CPU's fusion pass copies the residual gradient's chain of additions into each fusion
+  that reads it, and every block's backward fusions recompute the sums of all the blocks
+  after it: in the CCViT ViT-B/16 step, 70 fusions of up to 620 operations, 440 ms of a 6.7 s
+  step (BENCHMARKS.md §11).
   """
   return x
 
