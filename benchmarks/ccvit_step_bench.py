@@ -298,6 +298,8 @@ def build_torch(
   inputs,
   compile_model=False,
   threads=2,
+  device='cpu',
+  amp='',
 ):
   """The timm-based reference step on `inputs`."""
   from torch_ccvit_reference import make_torch_step  # pylint: disable=import-outside-toplevel
@@ -315,6 +317,8 @@ def build_torch(
     inputs=inputs,
     compile_model=compile_model,
     threads=threads,
+    device=device,
+    amp=amp,
   )
   build_s = time.perf_counter() - t0
   box = {'metrics': None}
@@ -463,20 +467,22 @@ def bench_variant(args, variant, batch_size, meter, log):
       )
       contenders.append(('JAX (mim_jax)', dtype, run, info))
   if not args.no_torch:
-    run, info = build('build_torch', compile_model=False, threads=args.torch_threads, **same)
+    on = dict(threads=args.torch_threads, device=args.torch_device, amp=args.torch_amp, **same)
+    torch_dtype = 'bf16 autocast' if args.torch_amp else 'fp32'
+    run, info = build('build_torch', compile_model=False, **on)
     log(
       f'  torch eager: build {info["build_s"]:.1f}s, first step {info["first_s"]:.1f}s; '
       f'{info["malloc"]}'
     )
-    contenders.append(('PyTorch eager (timm)', 'fp32', run, info))
+    contenders.append(('PyTorch eager (timm)', torch_dtype, run, info))
     if args.torch_compile:
       t0 = time.perf_counter()
-      run, info = build('build_torch', compile_model=True, threads=args.torch_threads, **same)
+      run, info = build('build_torch', compile_model=True, **on)
       log(
         f'  torch.compile: first step (compile) {info["first_s"]:.1f}s '
         f'(total {time.perf_counter() - t0:.1f}s)'
       )
-      contenders.append(('PyTorch compile (timm)', 'fp32', run, info))
+      contenders.append(('PyTorch compile (timm)', torch_dtype, run, info))
   for _, _, run, _ in contenders:  # warm-up, not timed
     if args.warmup:
       run(args.warmup)
@@ -556,6 +562,13 @@ def main(argv=None):
   ap.add_argument('--steps', type=int, default=3, help='timed steps/round')
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--torch_threads', type=int, default=2)
+  ap.add_argument('--torch_device', default='cpu', help="cpu, or cuda on a GPU machine")
+  ap.add_argument(
+    '--torch_amp',
+    default='',
+    choices=('', 'bf16'),
+    help='bf16: the PyTorch forward and losses under bf16 autocast (compare with --dtype bf16)',
+  )
   ap.add_argument(
     '--torch_compile', action='store_true', help='also time torch.compile (inductor) of the model'
   )
@@ -602,7 +615,7 @@ def main(argv=None):
   try:
     import jax  # pylint: disable=import-outside-toplevel
 
-    jax_dev = f'{jax.default_backend()} x{jax.device_count()}'
+    jax_dev = f'{jax.default_backend()} x{jax.device_count()} ({jax.devices()[0].device_kind})'
   except ImportError:
     jax_dev = 'n/a'
   with open('/proc/meminfo') as f:

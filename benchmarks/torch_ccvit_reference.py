@@ -216,6 +216,8 @@ def make_torch_step(
   lr=1.5e-3,
   compile_model=False,
   threads=2,
+  device='cpu',
+  amp='',
 ):
   """Builds the torch CCViT model, optimizer and a fixed batch.
 
@@ -228,6 +230,10 @@ def make_torch_step(
     lr: constant learning rate (the schedule does not matter for speed).
     compile_model: wrap the model in `torch.compile` (inductor, CPU).
     threads: torch intra-op threads.
+    device: 'cpu' or 'cuda' (model, batch and optimizer state live there).
+    amp: '' (fp32) or 'bf16': the model's forward and the losses under
+      `torch.autocast(dtype=torch.bfloat16)`, fp32 parameters and optimizer, as
+      the official code's mixed precision (BEiT: torch.cuda.amp) with bf16.
 
   Returns:
     (step, info): `step()` runs one full training step and returns a dict of
@@ -245,19 +251,25 @@ def make_torch_step(
     )
   assert inputs['image'].shape[0] == batch_size, inputs['image'].shape
 
-  model = build_ccvit_model(variant, image_size, patch, k)
+  model = build_ccvit_model(variant, image_size, patch, k).to(device)
   model.train()
   opt = torch.optim.AdamW(_param_groups(model, 0.05), lr=lr, betas=(0.9, 0.98), eps=1e-8)
   fwd = torch.compile(model) if compile_model else model
 
-  image = torch.from_numpy(np.ascontiguousarray(inputs['image']))
-  image2 = torch.from_numpy(np.ascontiguousarray(inputs['image2']))
-  mask = torch.from_numpy(np.asarray(inputs['mask'], bool))
-  replaced = torch.from_numpy(np.asarray(inputs['replaced'], bool))
-  centroids = torch.from_numpy(random_centroids(inputs['image2'], k, patch, seed))
+  def on_device(a):
+    return torch.from_numpy(a).to(device)
+
+  image = on_device(np.ascontiguousarray(inputs['image']))
+  image2 = on_device(np.ascontiguousarray(inputs['image2']))
+  mask = on_device(np.asarray(inputs['mask'], bool))
+  replaced = on_device(np.asarray(inputs['replaced'], bool))
+  centroids = on_device(random_centroids(inputs['image2'], k, patch, seed))
   cent_sqnorm = (centroids * centroids).sum(-1)
-  mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-  std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+  mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+  std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+  if amp not in ('', 'bf16'):
+    raise ValueError(f'amp={amp!r}: give "" (fp32) or "bf16"')
+  device_type = torch.device(device).type
   gh = gw = image_size // patch
 
   def tokenize_and_prepare():
@@ -283,9 +295,11 @@ def make_torch_step(
 
   def step():
     x1, tokens, target = tokenize_and_prepare()
-    logits, pix = fwd(x1, mask, pred_pos)
-    ce = torch.nn.functional.cross_entropy(logits, tokens[pred_pos])
-    mse = torch.nn.functional.mse_loss(pix, target[pred_pos])
+    with torch.autocast(device_type, torch.bfloat16, enabled=amp == 'bf16'):
+      logits, pix = fwd(x1, mask, pred_pos)
+    # The losses in fp32, as autocast itself would run them.
+    ce = torch.nn.functional.cross_entropy(logits.float(), tokens[pred_pos])
+    mse = torch.nn.functional.mse_loss(pix.float(), target[pred_pos])
     loss = ce + mse
     opt.zero_grad(set_to_none=True)
     loss.backward()

@@ -468,6 +468,15 @@ def step_flops(config) -> dict[str, float]:
   return tally.result(int(config.batch_size))
 
 
+def model_flops(config) -> float | None:
+  """step_flops(config)['total'], or None for a job without a formula here (no
+  config.method, or a method not in the table): the numerator of MFU."""
+  method = config.get("method")
+  if method is None or method.get("name") not in _METHODS:
+    return None
+  return step_flops(config)["total"]
+
+
 def implementation_overhead(config) -> dict[str, float]:
   """FLOPs per step (whole batch) that mim_jax's implementation computes on top of
   `step_flops` (see the module docstring), by name; {} where it computes what is needed."""

@@ -46,30 +46,40 @@ class MetricLogger:
     self._t0 = time.time()
     self._last_time = None
     self._last_step = None
-    self._flops = None  # XLA's FLOPs of one step per device (perf.cost)
+    self._flops = None  # FLOPs of one step per device (set_compiled)
     self._compile_s = None  # reported once, on the first row after compilation
     self._cache_hit = 0
     self._chips = jax.device_count()
 
   def set_compiled(
-    self, seconds: float, cost: dict, scan_layers: bool = False, from_cache: bool = False
+    self,
+    seconds: float,
+    cost: dict,
+    scan_layers: bool = False,
+    from_cache: bool = False,
+    model_flops: float | None = None,
   ):
     """Compilation time (kept out of throughput and ETA), whether the step was loaded from
-    the persistent compilation cache, and the step's FLOP count."""
+    the persistent compilation cache, and the FLOPs of one step behind the TFLOP/s and MFU
+    fields: `model_flops` (the whole batch's, mim_jax/flops.py) split over the devices where
+    the method has a formula, else XLA's count per device. Model FLOPs, not XLA's, because
+    XLA:GPU's cost analysis leaves out the cuBLAS/cuDNN calls that do the matmuls (an H200
+    CCViT ViT-B/16 step: 5.7 GFLOP per image counted against 127.7 done; BENCHMARKS.md §13),
+    and under scan_layers XLA counts the layer loop once."""
     self._compile_s = seconds
     self._cache_hit = int(from_cache)
-    self._flops = cost.get("flops")
-    if scan_layers:  # XLA counts the scanned layer loop once: the count would mislead
-      self._flops = None
+    xla = cost.get("flops")
+    if model_flops:
+      self._flops = model_flops / self._chips
+    else:
+      self._flops = None if scan_layers else xla
+    source = "model FLOPs, mim_jax/flops.py" if model_flops else "XLA"
     logging.info(
-      "%s the step in %.1f s%s",
+      "%s the step in %.1f s%s%s",
       "loaded (compilation cache)" if from_cache else "compiled",
       seconds,
-      f", {self._flops / 1e9:.4g} GFLOP per device per step (XLA)"
-      if self._flops
-      else " (no FLOP count: model.scan_layers)"
-      if scan_layers and cost.get("flops")
-      else "",
+      f", {self._flops / 1e9:.4g} GFLOP per device per step ({source})" if self._flops else "",
+      f"; XLA counts {xla / 1e9:.4g}" if model_flops and xla else "",
     )
 
   @property

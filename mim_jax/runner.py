@@ -45,6 +45,7 @@ from mim_jax import checkpoint as ckpt_lib
 from mim_jax import cli
 from mim_jax import compile_cache
 from mim_jax import distributed
+from mim_jax import flops as flops_lib
 from mim_jax import host_memory
 from mim_jax import metrics as metrics_lib
 from mim_jax import perf
@@ -580,7 +581,13 @@ def _steps(job, state, step, it, compile_step, ckpt, writer, prof) -> dict:
     if step_fn is None:  # compiled once, timed apart: throughput and ETA exclude it
       step_fn, seconds, cost = compile_step(state, job.frozen, batch)
       scan = bool(c.get("model") and c.model.get("scan_layers", False))
-      writer.set_compiled(seconds, cost, scan_layers=scan, from_cache=step_fn.from_cache)
+      writer.set_compiled(
+        seconds,
+        cost,
+        scan_layers=scan,
+        from_cache=step_fn.from_cache,
+        model_flops=flops_lib.model_flops(c),
+      )
       writer.mark(step)
     prof.before(step + 1)
     with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):

@@ -71,3 +71,43 @@ def test_ccvit_step_bench_accepts_both_dtypes():
   assert bench._dtypes("bf16") == ["bf16"]  # pylint: disable=protected-access
   with pytest.raises(argparse.ArgumentTypeError, match="fp32, bf16, both"):
     bench._dtypes("float32")  # pylint: disable=protected-access
+
+
+def _logged_row(tmp_path, step_s, **compiled):
+  """The row a MetricLogger writes for one step of `step_s` seconds after set_compiled."""
+  from mim_jax import metrics  # pylint: disable=g-import-not-at-top
+
+  tmp_path.mkdir()
+  log = metrics.MetricLogger(str(tmp_path), total_steps=10, tensorboard=False)
+  log.set_compiled(1.0, **compiled)
+  log.mark(0)
+  log._last_time -= step_s  # pylint: disable=protected-access  # the step took step_s
+  return log.write(1, {"loss": 1.0}, images_per_step=8)
+
+
+def test_flop_rate_comes_from_model_flops_where_the_method_has_a_formula(tmp_path):
+  """XLA:GPU's cost analysis leaves out the cuBLAS calls (an H200 CCViT step: 5.7 of 127.7
+  GFLOP per image, BENCHMARKS.md §13): the rate and MFU use the analytic model FLOPs, split
+  over the devices; XLA's count only where no formula exists, never under scan_layers."""
+  chips = jax.device_count()
+  row = _logged_row(tmp_path / "a", 2.0, cost={"flops": 5e9}, model_flops=chips * 4e12)
+  assert row["tflops_per_device"] == pytest.approx(2.0, rel=0.01)
+  row = _logged_row(tmp_path / "b", 2.0, cost={"flops": 5e9}, scan_layers=True, model_flops=8e12)
+  assert row["tflops_per_device"] == pytest.approx(4.0 / chips, rel=0.01)
+  row = _logged_row(tmp_path / "c", 2.0, cost={"flops": 6e12})
+  assert row["tflops_per_device"] == pytest.approx(3.0, rel=0.01)
+  assert "tflops_per_device" not in _logged_row(
+    tmp_path / "d", 2.0, cost={"flops": 6e12}, scan_layers=True
+  )
+
+
+def test_model_flops_of_configs():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from configs import ccvit_vitb  # pylint: disable=g-import-not-at-top
+  from mim_jax import flops  # pylint: disable=g-import-not-at-top
+
+  c = ccvit_vitb.get_config("")
+  assert flops.model_flops(c) == flops.step_flops(c)["total"] > 0
+  assert flops.model_flops(ml_collections.ConfigDict({"batch_size": 8})) is None
+  assert flops.model_flops(ml_collections.ConfigDict({"method": {"name": "knn"}})) is None

@@ -18,6 +18,9 @@ def install():
     return
   import torch  # pylint: disable=g-import-not-at-top
 
+  if torch.version.cuda:  # a CUDA torch loads torchvision's operators itself; defining them
+    _LIB = True  # first would abort torchvision's import (a duplicate registration)
+    return
   try:
     lib = torch.library.Library("torchvision", "DEF")
     for op in ("nms", "qnms"):
