@@ -464,6 +464,52 @@ def test_train_loader_worker_processes_change_nothing():
   _assert_batches_equal(expected[3:], [next(in_process) for _ in range(3)])
 
 
+class _MethodWithWeights:
+  """Like a method object: device weights (a teacher's) beside the host state prepare uses."""
+
+  def __init__(self):
+    self.weights = jnp.ones((256, 256), jnp.float32)
+    self.offset = 3
+
+  def prepare(self, example, rng):
+    example = _add_noise_and_mask(example, rng)
+    example['label'] = example['label'] + self.offset
+    return example
+
+  def prepare_using_weights(self, example, rng):
+    del rng
+    example['label'] = example['label'] + int(np.asarray(self.weights)[0, 0])
+    return example
+
+
+def test_worker_processes_get_the_methods_host_state_without_its_device_arrays(monkeypatch):
+  """grain hands the transform and the bound `method.prepare` (the whole method object) to its
+  worker processes by pickling. A device array unpickled there started the default backend in
+  the worker, which failed on a GPU host (BENCHMARKS.md §13), and copied the teacher's weights
+  into every worker. Here a worker can start no backend at all (as on that host)."""
+  import cloudpickle  # pylint: disable=g-import-not-at-top
+
+  method = _MethodWithWeights()
+  source = _ArraySource(32)
+  kwargs = dict(global_batch_size=4, read_options=grain.ReadOptions(num_threads=2))
+  expected = pipeline.make_train_loader(source, _two_view(), method.prepare, seed=7, **kwargs)
+  expected = [next(expected) for _ in range(2)]
+  assert (expected[0]['label'] >= 3).all()
+  monkeypatch.setenv('JAX_PLATFORMS', 'no_such_platform')  # the workers' environment
+  with pipeline.make_train_loader(
+    source, _two_view(), method.prepare, seed=7, worker_count=2, **kwargs
+  ) as loader:
+    _assert_batches_equal(expected, [next(loader) for _ in range(2)])
+  blob = cloudpickle.dumps(pipeline._TransformAndPrepare(_two_view(), method.prepare))
+  assert len(blob) < 64 * 1024, len(blob)  # not the 256 KiB of weights
+  misuse = cloudpickle.loads(
+    cloudpickle.dumps(pipeline._TransformAndPrepare(None, method.prepare_using_weights))
+  )
+  example = {'image': np.zeros((8, 8, 3), np.uint8), 'label': np.int32(0)}
+  with pytest.raises(RuntimeError, match=r'device array \(256, 256\) float32 of the method'):
+    misuse(example, np.random.SeedSequence(0))
+
+
 @pytest.mark.parametrize('num_examples', [10, 11])
 def test_eval_loader_covers_each_example_once(num_examples):
   source = _ArraySource(num_examples)

@@ -91,12 +91,62 @@ def describe_example(source, index: int) -> str:
   return f'index {int(index)} of {source!r}'
 
 
+class _DeviceArrayLeftBehind:
+  """What a loader worker process holds in place of a jax.Array that the transform or the
+  method's prepare reaches (a bound `method.prepare` carries the whole method: its teacher's
+  and tokenizer's weights). prepare is host work on numpy; shipping the arrays would copy
+  them into every worker, and unpickling one there would start the default backend in the
+  worker, which fails on a GPU or TPU host the trainer already holds (BENCHMARKS.md §13)."""
+
+  def __init__(self, shape: tuple[int, ...], dtype: str):
+    self.shape, self.dtype = shape, dtype
+
+  def __getattr__(self, name):
+    if name.startswith('__'):  # pickle and copy probe for optional hooks
+      raise AttributeError(name)
+    raise RuntimeError(self._why())
+
+  def __array__(self, *args, **kwargs):
+    raise RuntimeError(self._why())
+
+  def _why(self) -> str:
+    return (
+      f'a grain worker used a device array {self.shape} {self.dtype} of the method: '
+      'prepare must work on host (numpy) state only'
+    )
+
+
+def _host_pickle(obj) -> bytes:
+  """cloudpickle (what grain sends to its worker processes) with every jax.Array replaced."""
+  import io  # pylint: disable=g-import-not-at-top
+
+  import cloudpickle  # pylint: disable=g-import-not-at-top
+
+  class Pickler(cloudpickle.Pickler):
+    def reducer_override(self, o):
+      if isinstance(o, jax.Array):
+        return _DeviceArrayLeftBehind, (tuple(o.shape), str(o.dtype))
+      return super().reducer_override(o)
+
+  buf = io.BytesIO()
+  Pickler(buf).dump(obj)
+  return buf.getvalue()
+
+
 class _TransformAndPrepare:
   """The method-independent augmentation, then the method's own prepare."""
 
   def __init__(self, transform: TrainTransform | None, prepare_fn: PrepareFn | None):
     self._transform = transform
     self._prepare_fn = prepare_fn
+
+  def __getstate__(self):  # for grain's worker processes: host state only
+    return {'host': _host_pickle((self._transform, self._prepare_fn))}
+
+  def __setstate__(self, state):
+    import cloudpickle  # pylint: disable=g-import-not-at-top
+
+    self._transform, self._prepare_fn = cloudpickle.loads(state['host'])
 
   def __call__(self, element: Example, seed: np.random.SeedSequence) -> Example:
     if self._transform is None and self._prepare_fn is None:
