@@ -13,14 +13,18 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch==2.13.0 is pinned first and alone so that the CPU wheel is used, never a CUDA build.
-# The test install adds libtpu (the `tpu` extra) so that the compile-only TPU tests run.
+# The test install adds libtpu (the `tpu` extra) and jax's CUDA plugin (`gpu-aot`, no NVIDIA
+# libraries) so that the compile-only TPU and GPU tests run. Neither changes a mim_jax run: on
+# a machine without the chips `import mim_jax` keeps jax off them, no probe, no warning
+# (mim_jax/__init__.py; tests/test_aot.py, tests/test_aot_gpu.py check it). A script that
+# imports jax before mim_jax sees their start-up lines.
 $(VENV)/.installed: setup.py | $(VENV)/bin/python
 	$(PIP) install -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[test,tpu]"
+	$(PIP) install -e ".[test,tpu,gpu-aot]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -50,6 +50,11 @@ EXTRAS = {
   # of Service: optional, never vendored. On a machine without TPU chips mim_jax keeps jax
   # on the CPU (mim_jax/__init__.py), so installing it changes no ordinary run.
   "tpu": ["libtpu==0.0.42.1"],
+  # Compile-only GPU targets (h100-8, ...: docs/aot.md): jax's CUDA plugin and its PJRT
+  # library, pinned to jaxlib's version (bump together); ~180 MB, no NVIDIA libraries (those
+  # are its `with-cuda` extra, never wanted here). Without a GPU, `import mim_jax` hides it from
+  # jax (mim_jax/__init__.py), so installing it changes no ordinary run.
+  "gpu-aot": ["jax-cuda12-plugin==0.10.2", "jax-cuda12-pjrt==0.10.2"],
 }
 
 setuptools.setup(
@@ -59,6 +64,7 @@ setuptools.setup(
     "Masked-image-modeling pre-training of ViTs (BEiT v2, PeCo, MaPeT, CCViT, CAE v2) in JAX/Flax."
   ),
   packages=setuptools.find_packages(include=["mim_jax", "mim_jax.*"]),
+  package_data={"mim_jax": ["gpu_targets/*.txtpb"]},  # what XLA:GPU is told each GPU is
   python_requires=">=3.11",
   install_requires=INSTALL_REQUIRES,
   extras_require=EXTRAS,

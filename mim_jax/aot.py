@@ -1,7 +1,9 @@
-r"""Will it fit? Compiles a config's real train step for a Cloud TPU slice, without the slice.
+r"""Will it fit? Compiles a config's real train step for a Cloud TPU slice or NVIDIA GPUs,
+without them.
 
   python -m mim_jax.aot --config=configs/ccvit_vitb.py --topology=v5e-256 --out=report.json
   python -m mim_jax.aot --config=configs/beitv2_vitl.py --topology=v4-64 --config.model.remat=True
+  python -m mim_jax.aot --config=configs/caev2_vitb.py --topology=h100-8
 
 Prints one line (chips, memory per chip against the chip's HBM, FLOPs per image, compile time)
 and writes the same as JSON (--out). Exit 0 when the step fits; exit 1 with one line naming
@@ -16,12 +18,21 @@ replaced by untrained stand-ins of the same architecture ('random:' specs, liste
 report), built as shapes only. So the command runs on a laptop where neither the data set
 nor any checkpoint exists.
 
-Targets are compile-only devices from libtpu (`pip install -e ".[tpu]"`, docs/aot.md):
+TPU targets are compile-only devices from libtpu (`pip install -e ".[tpu]"`, docs/aot.md):
 accelerator types as Cloud TPU names them, v4-N and v5p-N (N TensorCores, N/2 chips),
 v5e-N and v6e-N (N chips); --num_slices=K for multislice. FLOPs per image are XLA's count
 of the compiled step (with config.model.scan_layers the layer loop is counted once, so the
 count comes from an unscanned lowering of the same step) beside the analytic count of
 mim_jax/flops.py.
+
+GPU targets are compile-only devices from jax's CUDA plugin (`pip install -e ".[gpu-aot]"`;
+no GPU, no NVIDIA library): <gpu>-<count> for a100 (80 GB SXM), h100 (80 GB SXM), h200
+(141 GB SXM), 1 to 8 GPUs on one host or hosts of 8 (h100-16: 2 x 8). XLA:GPU is told the
+device by mim_jax/gpu_targets/<gpu>.txtpb (from XLA's own specs); its device memory is the
+HBM of the report. XLA:GPU has no cost analysis, so XLA's FLOPs are those of the step's HLO
+lowered for one CPU device, before optimisation (`xla_flops_source` in the report). Without
+a GPU `import mim_jax` hides the plugin from jax (mim_jax/__init__.py), so for a GPU target
+the command starts itself again with MIM_JAX_CUDA_PLUGIN=1.
 """
 
 from __future__ import annotations
@@ -50,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim_jax import aot_gpu
 from mim_jax import flops as flops_lib
 from mim_jax import methods
 from mim_jax import runner
@@ -107,13 +119,23 @@ GENERATIONS = {
 @dataclasses.dataclass(frozen=True)
 class Target:
   name: str
-  generation: str
-  chips: int  # per slice
+  generation: str  # v5e, ... or a GPU model: h100, ...
+  chips: int  # per slice; GPUs in all
   num_slices: int
-  shape: tuple[int, ...]
+  shape: tuple[int, ...]  # GPUs: (1, hosts, GPUs per host)
+
+  @property
+  def platform(self) -> str:
+    return "gpu" if self.generation in aot_gpu.GPUS else "tpu"
+
+  @property
+  def unit(self) -> str:
+    return "GPU" if self.platform == "gpu" else "chip"
 
   @property
   def hbm_gib(self) -> float:
+    if self.platform == "gpu":
+      return aot_gpu.memory_gib(self.generation)
     return GENERATIONS[self.generation].hbm_gib
 
   @property
@@ -140,11 +162,16 @@ def _slice_shape(chips: int, dims: int) -> tuple[int, ...]:
 
 
 def parse_topology(name: str, num_slices: int = 1) -> Target:
+  g = re.fullmatch(r"([a-z]\d+)-(\d+)", name or "")
+  if g and g.group(1) in aot_gpu.GPUS:
+    shape = aot_gpu.hosts(name, g.group(1), int(g.group(2)), num_slices)
+    return Target(name, g.group(1), int(g.group(2)), 1, shape)
   m = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", name or "")
   if not m:
     raise runner.ConfigError(
       f"--topology={name!r}: expected a Cloud TPU accelerator type, one of "
-      f"{sorted(GENERATIONS)} followed by -N, e.g. v5e-256, v4-64, v5p-128"
+      f"{sorted(GENERATIONS)} followed by -N, e.g. v5e-256, v4-64, v5p-128, or a GPU "
+      f"target, one of {sorted(aot_gpu.GPUS)} followed by -N GPUs, e.g. h100-8, h200-1, a100-16"
     )
   gen = GENERATIONS[m.group(1)]
   n = int(m.group(2))
@@ -164,7 +191,10 @@ def parse_topology(name: str, num_slices: int = 1) -> Target:
 
 
 def target_devices(target: Target) -> list:
-  """Compile-only devices of the target (libtpu; no TPU, no metadata server needed)."""
+  """Compile-only devices of the target (libtpu; no TPU, no metadata server needed; or jax's
+  CUDA plugin; no GPU, no NVIDIA library needed)."""
+  if target.platform == "gpu":
+    return aot_gpu.devices(target.name, target.generation, target.shape)
   # libtpu looks for the slice it runs on at load; naming the target quiets its warnings.
   kind = {"v5e": "v5litepod"}.get(target.generation, target.generation)
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{kind}-{target.name.split('-')[1]}")
@@ -307,6 +337,7 @@ def lower_step(config, devices):
   return lowered, method, state_abs
 
 
+_UNTILED_DOT = "Couldn't find output tile sizes"
 _OOM = re.compile(r"([\d.]+)([KMGT])i?B?\)? exceeds available HBM \(([\d.]+)([KMGT])")
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -324,13 +355,28 @@ def _shortfall(message: str, target: Target) -> str:
   return first.strip()[:300]
 
 
+def compile_for(lowered, target: Target):
+  """(compiled, the compiler options it took): `lowered.compile()`; for a GPU target whose
+  compile fails on an untileable dot, again with cuBLAS for the matmuls. Without a GPU to
+  autotune on, XLA:GPU may pick a Triton tiling it cannot realise for some dots
+  (caev2_vitb at 128 per GPU on h200-1; the real H200 compiled it, BENCHMARKS.md §13)."""
+  try:
+    return lowered.compile(), {}
+  except Exception as e:  # pylint: disable=broad-except  # XLA raises JaxRuntimeError
+    if target.platform != "gpu" or _UNTILED_DOT not in str(e):
+      raise
+  options = {"xla_gpu_enable_triton_gemm": False}
+  logging.warning("XLA:GPU could not tile a dot; compiling again with %s", options)
+  return lowered.compile(compiler_options=options), options
+
+
 def analyse(config, target: Target, devices) -> dict:
   """Compiles the step; the report (raises DoesNotFit)."""
   t0 = time.time()
   lowered, method, state_abs = lower_step(config, devices)
   try:
-    compiled = lowered.compile()
-  except Exception as e:  # pylint: disable=broad-except  # XLA raises JaxRuntimeError
+    compiled, options = compile_for(lowered, target)
+  except Exception as e:  # pylint: disable=broad-except
     if "RESOURCE_EXHAUSTED" in str(e):
       remat = "" if config.model.get("remat") else "--config.model.remat=True, "
       raise DoesNotFit(
@@ -348,20 +394,39 @@ def analyse(config, target: Target, devices) -> dict:
     "code": mem.generated_code_size_in_bytes,
   }
   total = sum(per_chip[k] for k in ("arguments", "outputs", "temp", "code")) - per_chip["aliased"]
+  # XLA:GPU compiles a step of any size (device memory is checked only when it runs): the
+  # total against the device's memory decides, for every target alike.
+  if total > target.hbm_gib * GIB:
+    has = f"{target.hbm_gib:.1f} GiB" if target.platform == "gpu" else f"{target.hbm_gib:g}"
+    remat = "" if config.model.get("remat") else "--config.model.remat=True, "
+    raise DoesNotFit(
+      f"{_describe(config)} on {target.name}: needs {total / GIB:.1f} GiB per {target.unit}, "
+      f"{target.generation} has {has}; try {remat}a larger mesh.fsdp or a smaller "
+      "config.batch_size"
+    )
   b = config.batch_size
-  xla_flops = _xla_flops(config, compiled, devices)
+  if target.platform == "gpu":
+    # XLA:GPU has no cost analysis, compiled or lowered: count the same step's HLO lowered for
+    # one CPU device, before optimisation (all devices together).
+    xla_flops = xla_step_flops(config)
+    source = "lowered HLO before optimisation (one CPU device, layers unrolled)"
+  else:
+    xla_flops = _xla_flops(config, compiled, devices)
+    xla_flops = xla_flops * target.total_chips if xla_flops else None
+    source = "compiled step" + (" (layers unrolled)" if config.model.get("scan_layers") else "")
   analytic = flops_lib.step_flops(config)
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_abs["params"]))
   report = {
     "config": _describe(config),
     "topology": target.name,
     "num_slices": target.num_slices,
+    "platform": target.platform,
     "chips": target.total_chips,
     "device_kind": devices[0].device_kind,
     "processes": len({d.process_index for d in devices}),
     "hbm_per_chip_gib": target.hbm_gib,
     "memory_per_chip_gib": {k: v / GIB for k, v in per_chip.items()} | {"total": total / GIB},
-    "fits": total <= target.hbm_gib * GIB,
+    "fits": True,
     "global_batch": b,
     "batch_per_chip": b / target.total_chips,
     "dtype": config.dtype,
@@ -369,17 +434,14 @@ def analyse(config, target: Target, devices) -> dict:
     "scan_layers": bool(config.model.get("scan_layers", False)),
     "mesh": dict(sharding.make_mesh(config.mesh, devices).shape),
     "trainable_params": params,
-    "xla_gflops_per_image": xla_flops * target.total_chips / b / 1e9 if xla_flops else None,
+    "xla_gflops_per_image": xla_flops / b / 1e9 if xla_flops else None,
+    "xla_flops_source": source,
     "analytic_gflops_per_image": analytic["total"] / b / 1e9,
     "analytic_gflops_per_image_parts": {k: v / b / 1e9 for k, v in analytic.items()},
     "compile_s": compile_s,
+    "compiler_options": options,
     "standins": [],
   }
-  if not report["fits"]:
-    raise DoesNotFit(
-      f"{report['config']} on {target.name}: needs {total / GIB:.1f} GiB per chip, "
-      f"{target.generation} has {target.hbm_gib:g}"
-    )
   return report
 
 
@@ -428,11 +490,17 @@ def _describe(config) -> str:
 def summary_line(r: dict) -> str:
   m = r["memory_per_chip_gib"]
   xla = f"{r['xla_gflops_per_image']:.1f}" if r["xla_gflops_per_image"] else "n/a"
+  gpu = r.get("platform") == "gpu"
+  unit, hbm = (
+    ("GPU", f"{r['hbm_per_chip_gib']:.1f}") if gpu else ("chip", f"{r['hbm_per_chip_gib']:g}")
+  )
   return (
-    f"{r['config']} on {r['topology']} ({r['chips']} chips, {r['batch_per_chip']:g} per chip): "
-    f"fits, {m['total']:.2f} of {r['hbm_per_chip_gib']:g} GiB per chip (arguments "
-    f"{m['arguments']:.2f}, temp {m['temp']:.2f}); {xla} GFLOP per image (XLA), "
-    f"{r['analytic_gflops_per_image']:.1f} analytic; compiled in {r['compile_s']:.0f} s"
+    f"{r['config']} on {r['topology']} ({r['chips']} {unit}{'s' * (r['chips'] != 1)}, "
+    f"{r['batch_per_chip']:g} per {unit}): fits, {m['total']:.2f} of {hbm} GiB per {unit} "
+    f"(arguments {m['arguments']:.2f}, temp {m['temp']:.2f}); {xla} GFLOP per image "
+    f"(XLA{', lowered HLO' if gpu else ''}), {r['analytic_gflops_per_image']:.1f} analytic; "
+    f"compiled in {r['compile_s']:.0f} s"
+    + "".join(f", {k}={v}" for k, v in (r.get("compiler_options") or {}).items())
   )
 
 
@@ -456,9 +524,12 @@ def _define_flags():
   """The command's own flags, defined only when it runs: absl flags are global, and --out is
   also another module's (tests import both)."""
   flags.DEFINE_string(
-    "topology", None, "Target, as Cloud TPU names accelerator types: v5e-256, v4-64, v5p-128."
+    "topology",
+    None,
+    "Target: a Cloud TPU accelerator type (v5e-256, v4-64, v5p-128) or <gpu>-<count> for "
+    "a100, h100, h200 (h100-8: one host of 8; h200-1; h100-16: 2 hosts of 8).",
   )
-  flags.DEFINE_integer("num_slices", 1, "Slices of --topology (multislice).")
+  flags.DEFINE_integer("num_slices", 1, "Slices of a TPU --topology (multislice).")
   flags.DEFINE_string("out", "", "Write the report as JSON here.")
 
 
@@ -471,6 +542,7 @@ def main(argv):
     if value is None:
       print(f"error: {name} is required", file=sys.stderr)
       sys.exit(2)
+  aot_gpu.restart_with_plugin(f.topology)
   try:
     report = run(runner.CONFIG.value, f.topology, f.num_slices)
   except runner.ConfigError as e:
