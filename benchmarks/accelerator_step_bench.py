@@ -81,6 +81,7 @@ def run_one(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
+  from mim_jax import aot  # pylint: disable=g-import-not-at-top
   from mim_jax import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from mim_jax import perf  # pylint: disable=g-import-not-at-top
   from mim_jax import train  # pylint: disable=g-import-not-at-top
@@ -93,7 +94,7 @@ def run_one(args) -> dict:
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, frozen, batch).compile()
   compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
+  mem = aot.memory_per_device(compiled)  # what `python -m mim_jax.aot` reports
   xla_flops = perf.cost(compiled).get("flops")
   for _ in range(max(args.warmup, 1)):
     state, metrics = compiled(state, frozen, batch)
@@ -132,17 +133,7 @@ def run_one(args) -> dict:
     "peak_bf16_tflops": peak,
     "mfu": analytic["total"] / step_s / 1e12 / peak if peak else None,
     "memory_gib": {
-      "arguments": mem.argument_size_in_bytes / GIB,
-      "outputs": mem.output_size_in_bytes / GIB,
-      "aliased": mem.alias_size_in_bytes / GIB,
-      "temp": mem.temp_size_in_bytes / GIB,
-      "xla_total": (
-        mem.argument_size_in_bytes
-        + mem.output_size_in_bytes
-        + mem.temp_size_in_bytes
-        - mem.alias_size_in_bytes
-      )
-      / GIB,
+      **{("xla_total" if k == "total" else k): v / GIB for k, v in mem.items()},
       "allocator_peak": stats.get("peak_bytes_in_use", 0) / GIB or None,
       "chip": stats.get("bytes_limit", 0) / GIB or None,
     },

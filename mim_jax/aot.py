@@ -355,6 +355,26 @@ def _shortfall(message: str, target: Target) -> str:
   return first.strip()[:300]
 
 
+def _remedy(config) -> str:
+  remat = "" if config.model.get("remat") else "--config.model.remat=True, "
+  return f"try {remat}a larger mesh.fsdp or a smaller config.batch_size"
+
+
+def memory_per_device(compiled) -> dict[str, int]:
+  """Bytes per device of a compiled step from XLA's memory analysis: arguments, outputs,
+  aliased (outputs that reuse donated arguments), temp, code, and their total."""
+  mem = compiled.memory_analysis()
+  out = {
+    "arguments": mem.argument_size_in_bytes,
+    "outputs": mem.output_size_in_bytes,
+    "aliased": mem.alias_size_in_bytes,
+    "temp": mem.temp_size_in_bytes,
+    "code": mem.generated_code_size_in_bytes,
+  }
+  out["total"] = sum(out[k] for k in ("arguments", "outputs", "temp", "code")) - out["aliased"]
+  return out
+
+
 def compile_for(lowered, target: Target):
   """(compiled, the compiler options it took): `lowered.compile()`; for a GPU target whose
   compile fails on an untileable dot, again with cuBLAS for the matmuls. Without a GPU to
@@ -378,31 +398,20 @@ def analyse(config, target: Target, devices) -> dict:
     compiled, options = compile_for(lowered, target)
   except Exception as e:  # pylint: disable=broad-except
     if "RESOURCE_EXHAUSTED" in str(e):
-      remat = "" if config.model.get("remat") else "--config.model.remat=True, "
       raise DoesNotFit(
-        f"{_describe(config)} on {target.name}: {_shortfall(str(e), target)}; try "
-        f"{remat}a larger mesh.fsdp or a smaller config.batch_size"
+        f"{_describe(config)} on {target.name}: {_shortfall(str(e), target)}; {_remedy(config)}"
       ) from None
     raise
   compile_s = time.time() - t0
-  mem = compiled.memory_analysis()
-  per_chip = {
-    "arguments": mem.argument_size_in_bytes,
-    "outputs": mem.output_size_in_bytes,
-    "aliased": mem.alias_size_in_bytes,
-    "temp": mem.temp_size_in_bytes,
-    "code": mem.generated_code_size_in_bytes,
-  }
-  total = sum(per_chip[k] for k in ("arguments", "outputs", "temp", "code")) - per_chip["aliased"]
+  per_chip = memory_per_device(compiled)
+  total = per_chip.pop("total")
   # XLA:GPU compiles a step of any size (device memory is checked only when it runs): the
   # total against the device's memory decides, for every target alike.
   if total > target.hbm_gib * GIB:
     has = f"{target.hbm_gib:.1f} GiB" if target.platform == "gpu" else f"{target.hbm_gib:g}"
-    remat = "" if config.model.get("remat") else "--config.model.remat=True, "
     raise DoesNotFit(
       f"{_describe(config)} on {target.name}: needs {total / GIB:.1f} GiB per {target.unit}, "
-      f"{target.generation} has {has}; try {remat}a larger mesh.fsdp or a smaller "
-      "config.batch_size"
+      f"{target.generation} has {has}; {_remedy(config)}"
     )
   b = config.batch_size
   if target.platform == "gpu":

@@ -10,6 +10,7 @@ driver strings (the compiler accepts them without). Their device memory is the r
 
 from __future__ import annotations
 
+import functools
 from importlib import metadata
 import os
 import re
@@ -28,6 +29,7 @@ GPUS_PER_HOST = 8  # an HGX board; larger targets are several such hosts
 _TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets")
 
 
+@functools.cache
 def target_config(gpu: str) -> str:
   """The GpuTargetConfigProto text of `gpu` (what the compiler is told the device is)."""
   with open(os.path.join(_TARGETS, GPUS[gpu]), encoding="utf-8") as f:
