@@ -32,7 +32,10 @@ Per method (files in mim_jax/methods/; N patches, T = N + 1 tokens with cls, D w
 masked, V visible = N - M; a ViT block on n tokens is 24 n D^2 + 4 n^2 D):
   beitv2 / peco_mim  ViT on T tokens; lm_head on the M masked positions, applied twice when the
                      aggregation head is on (BEiT v2 §2.3: `head_layers` blocks on [final cls,
-                     layer-`early_layers` patches], T tokens, sharing the lm_head).
+                     layer-`early_layers` patches], T tokens, sharing the lm_head). Last
+                     blocks are counted as read: q, attention rows, proj and MLP at the M
+                     masked tokens (the backbone's also at the cls with the aggregation
+                     head), k and v at all T (vit.Block's outputs_at).
   peco_mae           PeCo Table 8 = MAE (He et al. §3): encoder on 1 + V tokens, decoder_embed,
                      decoder blocks on T tokens of width decoder_dim, decoder_pred on the M
                      masked tokens.
@@ -43,9 +46,12 @@ masked, V visible = N - M; a ViT block on n tokens is 24 n D^2 + 4 n^2 D):
                      has no mask tokens (content T tokens), 'mim' is BERT-style (T tokens, head
                      on num_masked).
   ccvit              CCViT §4: BEiT v2 backbone on T tokens; lm_head and the pixel head on the
-                     num_masked + num_replaced selected positions; the pixel block
+                     num_masked + num_replaced = S selected positions; the pixel block
                      (`head_layers` blocks on T tokens); the centroid tokenizer's distances
-                     at the selected patches of image2 only (frozen; methods/ccvit.py).
+                     at the selected patches of image2 only (frozen; methods/ccvit.py). The
+                     last block of the backbone is read at the cls and the S selected tokens
+                     only, the pixel block's last at the S: their q, attention rows, proj and
+                     MLP are counted on those tokens, k and v on all T (methods/ccvit.py).
   caev2              CAE v2 §2.2: encoder on 1 + V tokens; encoder_to_regresser when the
                      regressor is narrower; per regressor block q/proj/MLP on M queries and
                      k/v on V + M keys, attention M x (V + M); the head on all T tokens; the
@@ -73,6 +79,9 @@ What the implementation computes beyond this count is listed by `implementation_
     now gives keys and values for the content stream only (BENCHMARKS.md §10).
   * PeCo-MAE and CAE v2 embed all N patches before dropping the masked ones (models/vit.py
     VisionTransformer._embed, then `keep`); only the V visible ones are needed (+0.2 %).
+  * BEiT v2, PeCo (MIM) and CCViT under model.scan_layers: the scanned backbone runs its last
+    block on all T tokens (one body for every layer), where 1 + M (PeCo: M; CCViT: 1 + S)
+    are read (+2-3 % on ViT-B/16, +2 % on ViT-L/16).
   * peco_vqvae with the GAN runs the discriminator twice on the reconstruction (once with
     stop_gradient'ed weights, once on the stop_gradient'ed image; methods/peco_vqvae.py
     `loss`); one forward serves both backward passes (+0.65 %).
@@ -328,9 +337,10 @@ def _clip_teacher(config, size: int) -> dict:
 # ------------------------------------------------------------------------------ methods
 def _beitv2(config, tally: _Tally, s: dict):
   m, d, n = config.method, s["dim"], s["n"]
-  tally.train("encoder", *vit(n + 1, d, s["depth"]), on_data=dense(n, 3 * s["patch"] ** 2, d))
+  encoder = _last_block_read_at(n + 1, _backbone_read_at(config, s), d, s["depth"])
+  tally.train("encoder", *encoder, on_data=dense(n, 3 * s["patch"] ** 2, d))
   if m.head_layers:
-    tally.train("aggregation", *vit(n + 1, d, m.head_layers))
+    tally.train("aggregation", *_last_block_read_at(n + 1, m.num_masked, d, m.head_layers))
   # Logits only at the M masked positions (the loss reads no others); main + aggregation branch.
   heads = 2 if m.head_layers else 1
   tally.train("lm_head", heads * dense(m.num_masked, d, _codebook_size(config.tokenizer)))
@@ -372,12 +382,42 @@ def _mapet(config, tally: _Tally, s: dict):
   _online_tokenizer(config, tally, s["patch"])
 
 
+def _last_block_read_at(tokens: int, read: int, dim: int, depth: int) -> tuple[float, float]:
+  """(weights, attention) of `depth` blocks on `tokens` whose last one is read at `read` of
+  them only (vit.Block's outputs_at): its q, proj, MLP and attention rows there alone."""
+  if not depth:
+    return 0.0, 0.0
+  w, a = vit(tokens, dim, depth - 1)
+  w_last, a_last = block(read, dim, keys=tokens)
+  return w + w_last, a + a_last
+
+
+def _backbone_read_at(config, s: dict) -> int:
+  """Tokens at which BEiT v2's, PeCo's and CCViT's backbones are read in their last layer:
+  the predicted positions, and the cls when an extra head reads it; all when that head reads
+  the last layer's patches too (methods/beitv2.py, methods/ccvit.py)."""
+  m = config.method
+  predicted = m.num_masked + (m.num_replaced if m.name == "ccvit" else 0)
+  if not m.get("head_layers", 0) and m.name != "ccvit":
+    return predicted
+  return s["n"] + 1 if m.early_layers >= s["depth"] else 1 + predicted
+
+
+def _scan_overhead(config) -> float:
+  """FLOPs per image a scanned backbone spends running its last block on every token."""
+  s = _student(config)
+  full = sum(block(s["n"] + 1, s["dim"]))
+  read = sum(block(_backbone_read_at(config, s), s["dim"], keys=s["n"] + 1))
+  return TRAIN * (full - read)
+
+
 def _ccvit(config, tally: _Tally, s: dict):
   m, d, n, p = config.method, s["dim"], s["n"], s["patch"]
   selected, k = m.num_masked + m.num_replaced, _codebook_size(config.tokenizer)
-  tally.train("encoder", *vit(n + 1, d, s["depth"]), on_data=dense(n, 3 * p * p, d))
+  encoder = _last_block_read_at(n + 1, _backbone_read_at(config, s), d, s["depth"])
+  tally.train("encoder", *encoder, on_data=dense(n, 3 * p * p, d))
   tally.train("lm_head", dense(selected, d, k))
-  w, a = vit(n + 1, d, m.head_layers)
+  w, a = _last_block_read_at(n + 1, selected, d, m.head_layers)
   tally.train("pixel_block", w + dense(selected, d, 3 * p * p), a)
   tally.frozen("tokenizer", dense(selected, 3 * p * p, k))  # nearest centroid, selected only
 
@@ -487,6 +527,8 @@ def implementation_overhead(config) -> dict[str, float]:
     out["patch_embed_of_masked_patches"] = NO_INPUT_GRAD * dense(
       config.method.num_masked, 3 * s["patch"] ** 2, s["dim"]
     )
+  elif name in ("beitv2", "peco_mim", "ccvit") and config.model.get("scan_layers"):
+    out["last_block_on_every_token"] = _scan_overhead(config)
   elif name == "peco_vqvae" and config.get("gan") and config.gan.enabled:
     out["discriminator_second_forward_on_reconstruction"] = sum(
       _patchgan(config.gan.ndf, config.gan.n_layers, int(config.data.image_size))

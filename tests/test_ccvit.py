@@ -189,7 +189,9 @@ def test_pixel_block_reads_final_cls_and_layer_l_patches(method):
   out = backbone.apply(
     {"params": variables["params"]["backbone"]}, student, mask=b["mask"], return_layers=(2,)
   )
-  np.testing.assert_allclose(seen["input"][:, 0], out["last"][:, 0], rtol=1e-6)
+  # The model's last block computes the cls and the selected tokens alone (outputs_at): the
+  # same value, up to the products' summation order.
+  np.testing.assert_allclose(seen["input"][:, 0], out["last"][:, 0], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(seen["input"][:, 1:], out["layers"][2][:, 1:], rtol=1e-6)
   assert not np.allclose(out["layers"][2][:, 1:], out["last"][:, 1:])
 

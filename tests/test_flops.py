@@ -60,7 +60,10 @@ def test_a_tiny_step_by_hand():
     **{"model.width": 8, "model.depth": 1, "model.heads": 2, "method.num_masked": 2},
     **{"tokenizer.cache": "random:16", "batch_size": 2},
   )
-  encoder = 3 * (24 * 5 * 8**2 + 4 * 5**2 * 8)  # 25440: the block, forward x3
+  # The block is read at the 2 masked tokens only (vit.Block's outputs_at): q, proj and the
+  # MLP there, 2*2*8*8 + 2*2*8*8 + 2 * (2*2*8*32) = 2560; k and v on all 5 tokens,
+  # 2 * (2*5*8*8) = 1280; the 2 query rows over 5 keys, 4*2*5*8 = 320. Forward x3.
+  encoder = 3 * (2560 + 1280 + 320)  # 12480
   patch_embed = 2 * (2 * 4 * 48 * 8)  # 6144: 4 patches of 48 values, x2 (image input)
   lm_head = 3 * (2 * 2 * 8 * 16)  # 1536: 2 masked positions, 16 ids
   f = flops.step_flops(c)

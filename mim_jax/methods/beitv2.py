@@ -64,10 +64,19 @@ class BEiTv2Model(nn.Module):
       final_norm=False,
       name="backbone",
     )
+    # The last blocks are read at the selected tokens (and the backbone's at the cls, for
+    # the aggregation head) only, and compute those alone (vit.Block's outputs_at).
+    patch_tokens = select + 1  # token 0 is the cls
+    read = patch_tokens
+    if self.head_layers:
+      read = jnp.concatenate([jnp.zeros_like(select[:, :1]), patch_tokens], axis=1)
     out = backbone(
-      images, mask=mask, train=train, return_layers=(self.early_layers,) if self.head_layers else ()
+      images,
+      mask=mask,
+      train=train,
+      return_layers=(self.early_layers,) if self.head_layers else (),
+      last_outputs_at=read,
     )
-    take = lambda x: jnp.take_along_axis(x, select[..., None], axis=1)
     norm = vit.layer_norm(kw.get("ln_eps", 1e-6), jnp.float32, "norm")
     lm_head = vit.Dense(
       self.vocab_size,
@@ -80,7 +89,7 @@ class BEiTv2Model(nn.Module):
     )
     head = lambda x: lm_head(vit._apply_norm(norm, x)).astype(jnp.float32)  # pylint: disable=protected-access
 
-    logits = head(take(out["last"][:, 1:]))
+    logits = head(out["last"][:, 1:] if self.head_layers else out["last"])
     if self.head_layers == 0:  # BEiT (v1) / PeCo MIM: no patch aggregation
       return logits, None
 
@@ -94,8 +103,8 @@ class BEiTv2Model(nn.Module):
       head_layers=self.head_layers,
       prefix="cls_pt_block",
       train=train,
+      outputs_at=patch_tokens,
     )
-    x = take(x[:, 1:])
     if self.shared_lm_head:
       agg_logits = head(x)
     else:

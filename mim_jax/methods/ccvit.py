@@ -59,8 +59,17 @@ class CCViTModel(nn.Module):
       weight_init="beit",
       name="backbone",
     )
-    out = backbone(images, mask=mask, train=train, return_layers=(self.early_layers,))
-    take = lambda x: jnp.take_along_axis(x, select[..., None], axis=1)
+    # Tokens are read at the cls and the selected patches only: the last block of the
+    # backbone and of the pixel block compute those alone (BENCHMARKS.md §11).
+    patch_tokens = select + 1  # token 0 is the cls
+    cls_and_selected = jnp.concatenate([jnp.zeros_like(select[:, :1]), patch_tokens], axis=1)
+    out = backbone(
+      images,
+      mask=mask,
+      train=train,
+      return_layers=(self.early_layers,),
+      last_outputs_at=cls_and_selected,
+    )
     dense = lambda n, names, name: vit.Dense(
       n,
       dtype=dtype,
@@ -70,7 +79,7 @@ class CCViTModel(nn.Module):
     )
 
     # Token branch: final norm -> lm_head, only at the selected positions.
-    patches = take(out["normed"][:, 1:])
+    patches = out["normed"][:, 1:]
     token_logits = dense(self.vocab_size, ("embed", "vocab"), "lm_head")(patches)
 
     # Pixel block: final cls (before the final norm) + layer-l patch tokens.
@@ -83,8 +92,8 @@ class CCViTModel(nn.Module):
       head_layers=self.head_layers,
       prefix="pixel_block",
       train=train,
+      outputs_at=patch_tokens,
     )
-    x = take(x[:, 1:])
     x = nn.LayerNorm(
       epsilon=1e-6,
       dtype=jnp.float32,

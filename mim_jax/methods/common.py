@@ -122,13 +122,22 @@ def transformer_blocks(
 
 
 def aggregation_blocks(
-  x, kw: dict, rel_pos_bias, *, early_layers: int, head_layers: int, prefix: str, train: bool
+  x,
+  kw: dict,
+  rel_pos_bias,
+  *,
+  early_layers: int,
+  head_layers: int,
+  prefix: str,
+  train: bool,
+  outputs_at=None,
 ):
   """BEiT v2's cls-pt blocks (CCViT's pixel block): `head_layers` blocks after layer
   `early_layers`, drop path rates continuing the backbone's, PyTorch-default init with the
   depth rescale only (the cls-pt layers are built after `self.apply(self._init_weights)` in
   microsoft/unilm:beit2/modeling_pretrain.py and only get `fix_init_weight`'s rescale). Call
-  inside a compact method: the blocks join its scope."""
+  inside a compact method: the blocks join its scope. outputs_at: optional (B, R) token
+  indices, the only outputs the caller reads: the last block computes those alone (B, R, D)."""
   dpr = np.linspace(
     0.0, kw.get("drop_path_rate", 0.0), max(kw["depth"], early_layers + head_layers)
   )
@@ -142,7 +151,14 @@ def aggregation_blocks(
       depth_rescale_layer_id=early_layers + i + 1,
       dtype=kw.get("dtype", jnp.float32),
       name=f"{prefix}_{i}",
-    )(x, rel_pos_bias=rel_pos_bias, train=train)
+    )(
+      x,
+      rel_pos_bias=rel_pos_bias,
+      train=train,
+      outputs_at=outputs_at if i == head_layers - 1 else None,
+    )
+  if outputs_at is not None and not head_layers:
+    x = jnp.take_along_axis(x, outputs_at[..., None], axis=1)
   return x
 
 

@@ -275,6 +275,19 @@ class RelativePositionBias(nn.Module):
     return jnp.transpose(bias, (2, 0, 1))
 
 
+class _Kernel(nn.Module):
+  """The kernel of a bias-free Dense layer (same name, init and partitioning), without its
+  product: for products over parts of it (`Attention`'s outputs_at)."""
+
+  shape: tuple
+  init: Initializer
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    return self.param('kernel', self.init, self.shape, self.param_dtype)
+
+
 class Attention(nn.Module):
   """BEiT multi-head self-attention (bias-free qkv + q/v biases).
 
@@ -294,14 +307,34 @@ class Attention(nn.Module):
   # values and score columns would be computed and then masked away (BENCHMARKS.md §10).
   kv_len: Optional[int] = None
 
-  @nn.compact
-  def __call__(self, x, rel_pos_bias=None, attn_mask=None):
-    """x: (B, N, D). rel_pos_bias: (heads, N, N). attn_mask: additive float or
-    boolean (True = attend), broadcastable to (B, heads, N, N)."""
-    batch, length, _ = x.shape
+  def _qkv_biases(self):
+    """(q, k, v) biases, or None: q/v biases start at zero under every convention; k has
+    none unless `k_bias`."""
+    if not self.qkv_bias:
+      return None
+    zeros = _named(nn.initializers.zeros_init(), ('qkv',))
+    q_bias = self.param('q_bias', zeros, (self.dim,), self.param_dtype)
+    v_bias = self.param('v_bias', zeros, (self.dim,), self.param_dtype)
+    k_bias = (
+      self.param('k_bias', zeros, (self.dim,), self.param_dtype)
+      if self.k_bias
+      else jnp.zeros_like(q_bias)
+    )
+    return q_bias, k_bias, v_bias
+
+  def _heads(self, t: jax.Array, parts: int) -> jax.Array:
+    """(B, N, parts * dim) -> (parts, B, heads, N, head_dim): batch and head axes leading,
+    which XLA:CPU's batched matmuls run ~25 % faster than the 'bqhd' layout (measured,
+    fwd + bwd)."""
+    batch, length, _ = t.shape
     head_dim = self.dim // self.num_heads
+    return t.reshape(batch, length, parts, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+
+  def _queries_keys_values(self, x):
+    """q, k, v (B, heads, N, head_dim) of every token (keys and values of the first kv_len)."""
+    length = x.shape[1]
     n = length if self.kv_len is None else min(int(self.kv_len), length)
-    kernel_init, bias_init = _dense_inits(self.weight_init, self.dim)
+    kernel_init, _ = _dense_inits(self.weight_init, self.dim)
     dense = Dense(
       3 * self.dim,
       use_bias=False,
@@ -315,34 +348,60 @@ class Attention(nn.Module):
     if n < length:  # queries of the asking tokens: the q third of the same kernel
       kernel = nn.unbox(dense.variables['params']['kernel'])[:, : self.dim]
       q_rest = jnp.dot(x[:, n:].astype(self.dtype), kernel.astype(self.dtype))
-    if self.qkv_bias:
-      # q/v biases start at zero under every convention; k has no bias at all.
-      zeros = _named(nn.initializers.zeros_init(), ('qkv',))
-      q_bias = self.param('q_bias', zeros, (self.dim,), self.param_dtype)
-      v_bias = self.param('v_bias', zeros, (self.dim,), self.param_dtype)
-      k_bias = (
-        self.param('k_bias', zeros, (self.dim,), self.param_dtype)
-        if self.k_bias
-        else jnp.zeros_like(q_bias)
-      )
-      bias = jnp.concatenate([q_bias, k_bias, v_bias])
-      qkv = qkv + bias.astype(qkv.dtype)
+    biases = self._qkv_biases()
+    if biases is not None:
+      qkv = qkv + jnp.concatenate(biases).astype(qkv.dtype)
       if q_rest is not None:
-        q_rest = q_rest + q_bias.astype(q_rest.dtype)
-    # (3, B, heads, N, head_dim): batch and head axes leading, which XLA:CPU's batched
-    # matmuls run ~25 % faster than the 'bqhd' layout (measured, fwd + bwd).
-    # On CPU the gradient of (B, N, 3 * dim) is then written once, read by the qkv weight's and
+        q_rest = q_rest + biases[0].astype(q_rest.dtype)
+    # On CPU the gradient of (B, N, 3 * dim) is written once, read by the qkv weight's and
     # input's products and the bias sum; and split's gradient is one concatenation, where
     # indexing's was three zero-padded copies summed (BENCHMARKS.md §11).
-    qkv = materialized_gradient(qkv)
-    qkv = qkv.reshape(batch, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+    qkv = self._heads(materialized_gradient(qkv), 3)
     q, k, v = (t[0] for t in lax.split(qkv, (1, 1, 1), axis=0))
     if q_rest is not None:
-      q_rest = q_rest.reshape(batch, length - n, self.num_heads, head_dim).transpose(0, 2, 1, 3)
-      q = jnp.concatenate([q, q_rest], axis=2)
+      q = jnp.concatenate([q, self._heads(q_rest, 1)[0]], axis=2)
+    return q, k, v
+
+  def _queries_keys_values_at(self, x, outputs_at):
+    """q at the (B, R) tokens `outputs_at`, k and v of every token: the q third of the qkv
+    kernel on R tokens, the k and v thirds on all of them."""
+    kernel_init, _ = _dense_inits(self.weight_init, self.dim)
+    kernel = _Kernel(
+      (self.dim, 3 * self.dim), _named(kernel_init, ('embed', 'qkv')), self.param_dtype, name='qkv'
+    )().astype(self.dtype)
+    x = x.astype(self.dtype)
+    product = lambda t, w: _rows_dot_general(t, w, (((2,), (0,)), ((), ())))
+    q = product(jnp.take_along_axis(x, outputs_at[..., None], axis=1), kernel[:, : self.dim])
+    kv = product(x, kernel[:, self.dim :])
+    biases = self._qkv_biases()
+    if biases is not None:
+      q = q + biases[0].astype(q.dtype)
+      kv = kv + jnp.concatenate(biases[1:]).astype(kv.dtype)
+    k, v = (t[0] for t in lax.split(self._heads(materialized_gradient(kv), 2), (1, 1), axis=0))
+    return self._heads(q, 1)[0], k, v
+
+  @nn.compact
+  def __call__(self, x, rel_pos_bias=None, attn_mask=None, outputs_at=None):
+    """x: (B, N, D). rel_pos_bias: (heads, N, N). attn_mask: additive float or
+    boolean (True = attend), broadcastable to (B, heads, N, N).
+
+    outputs_at: optional (B, R) token indices. Queries, and so the output, (B, R, D), only
+    at these tokens; every token still gives keys and values. For a last block whose
+    caller reads a few of its tokens (`Block`)."""
+    if outputs_at is None:
+      q, k, v = self._queries_keys_values(x)
+    elif self.kv_len is not None or attn_mask is not None:
+      raise ValueError('Attention: outputs_at does not combine with kv_len or attn_mask')
+    else:
+      q, k, v = self._queries_keys_values_at(x, outputs_at)
+    batch, _, queries, head_dim = q.shape
+    n = k.shape[2]
     q = q * jnp.asarray(head_dim**-0.5, q.dtype)
     logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
-    if rel_pos_bias is not None:
+    if rel_pos_bias is not None and outputs_at is not None:  # each image's query rows
+      rows = jnp.take(rel_pos_bias.astype(jnp.float32), outputs_at, axis=1)
+      logits = logits + rows.transpose(1, 0, 2, 3)
+    elif rel_pos_bias is not None:
       logits = add_bias_over_batch(logits, rel_pos_bias.astype(jnp.float32)[..., :n])
     if attn_mask is not None:
       attn_mask = attn_mask[..., :n]
@@ -354,7 +413,7 @@ class Attention(nn.Module):
     # Product in (B, heads, N, head_dim), then the transpose: written straight to 'bqhd',
     # XLA:CPU computed it transposed with its generic dot (BENCHMARKS.md §11).
     out = jnp.einsum('bhqk,bhkd->bhqd', probs, v.astype(self.dtype)).transpose(0, 2, 1, 3)
-    out = out.reshape(batch, length, self.dim)
+    out = out.reshape(batch, queries, self.dim)
     kernel_init, bias_init = _dense_inits(self.weight_init, self.dim)
     return Dense(
       self.dim,
@@ -530,12 +589,20 @@ class Block(nn.Module):
   kv_len: Optional[int] = None  # see Attention
 
   @nn.compact
-  def __call__(self, x, rel_pos_bias=None, attn_mask=None, *, train: bool = False):
+  def __call__(self, x, rel_pos_bias=None, attn_mask=None, *, train: bool = False, outputs_at=None):
+    """x: (B, N, D) -> (B, N, D), or (B, R, D) at the (B, R) token indices `outputs_at`.
+
+    With outputs_at the block computes its queries, MLP and output at those tokens only,
+    every token still giving keys and values: the same values there. For a last block whose
+    caller reads a few tokens (CCViT's predictions at 95 of 197: 43 % of the block's work
+    left out, BENCHMARKS.md §11)."""
     return self._forward(
-      x, rel_pos_bias, attn_mask, train, self.depth_rescale_layer_id, self.drop_path
+      x, rel_pos_bias, attn_mask, train, self.depth_rescale_layer_id, self.drop_path, outputs_at
     )
 
-  def _forward(self, x, rel_pos_bias, attn_mask, train, rescale_layer_id, drop_rate):
+  def _forward(
+    self, x, rel_pos_bias, attn_mask, train, rescale_layer_id, drop_rate, outputs_at=None
+  ):
     """The block body; nn.scan passes the layer id and drop rate as tracers."""
     _check_init(self.weight_init)
     x = x.astype(self.dtype)
@@ -575,7 +642,9 @@ class Block(nn.Module):
       gamma_1 = gamma_2 = None
 
     x = materialized_gradient(x)
-    branch = attn(_apply_norm(norm1, x), rel_pos_bias, attn_mask)
+    branch = attn(_apply_norm(norm1, x), rel_pos_bias, attn_mask, outputs_at)
+    if outputs_at is not None:
+      x = jnp.take_along_axis(x, outputs_at[..., None], axis=1)
     if gamma_1 is not None:
       branch = gamma_1 * branch
     x = materialized_gradient(x + _drop_path(self, branch, drop_rate, train))
@@ -600,7 +669,7 @@ class _LayerStep(Block):
   keep_output: bool = False
 
   @nn.compact
-  def __call__(self, x, layer_args, rel_pos_bias=None, attn_mask=None):
+  def __call__(self, x, layer_args, rel_pos_bias=None, attn_mask=None, outputs_at=None):
     layer_id, drop_rate = layer_args
     x = self._forward(
       x,
@@ -609,6 +678,7 @@ class _LayerStep(Block):
       self.train,
       layer_id if self.depth_rescale else None,
       drop_rate if self.use_drop_path else None,
+      outputs_at,
     )
     x = nn.with_logical_constraint(x, ACT_AXES)
     return x, (x if self.keep_output else None)
@@ -719,6 +789,7 @@ class VisionTransformer(nn.Module):
     return_layers: Sequence[int] = (),
     attn_mask=None,
     keep=None,
+    last_outputs_at=None,
   ) -> dict:
     """images: (B, H, W, C); mask: (B, N) bool, True = masked (mixed with mask_token).
 
@@ -726,6 +797,10 @@ class VisionTransformer(nn.Module):
     positions) enter the blocks (CAE / MAE-style encoders on visible patches).
 
     attn_mask: optional additive / boolean mask broadcastable to (B, heads, N+1, N+1).
+    last_outputs_at: optional (B, R) token indices (0 = cls) where the caller reads the last
+    block: 'last' and 'normed' are (B, R, D), those tokens' outputs. Unrolled, the last block
+    computes only those (`Block`'s outputs_at); under scan_layers, or with the last layer in
+    return_layers, it runs on every token and they are taken after.
     Returns {'last', 'normed', 'layers': {l: block l output (1-based)}, 'rel_pos_bias'}.
     """
     _check_init(self.weight_init)
@@ -780,6 +855,10 @@ class VisionTransformer(nn.Module):
     else:
       for i in range(self.depth):
         rescale_id = i + 1 if self.depth_rescale else None
+        # The last block at the caller's tokens only, unless return_layers wants all of it.
+        at = None
+        if i + 1 == self.depth and self.depth not in return_layers:
+          at, last_outputs_at = last_outputs_at, None
         if self.remat:
           step = nn.remat(_LayerStep, prevent_cse=True)(
             **self._block_kwargs(grid),
@@ -788,7 +867,7 @@ class VisionTransformer(nn.Module):
             use_drop_path=rates[i] > 0,
             name=f'blocks_{i}',
           )
-          x, _ = step(x, (rescale_id, rates[i]), rel_pos_bias, attn_mask)
+          x, _ = step(x, (rescale_id, rates[i]), rel_pos_bias, attn_mask, at)
         else:
           block = Block(
             **self._block_kwargs(grid),
@@ -796,10 +875,12 @@ class VisionTransformer(nn.Module):
             depth_rescale_layer_id=rescale_id,
             name=f'blocks_{i}',
           )
-          x = block(x, rel_pos_bias, attn_mask, train=train)
+          x = block(x, rel_pos_bias, attn_mask, train=train, outputs_at=at)
           x = nn.with_logical_constraint(x, ACT_AXES)
         if i + 1 in return_layers:
           layers[i + 1] = x
+    if last_outputs_at is not None:  # not taken by the last block (above)
+      x = jnp.take_along_axis(x, last_outputs_at[..., None], axis=1)
 
     normed = x
     if self.final_norm:
