@@ -38,11 +38,46 @@ def _prod(xs) -> int:
   return out
 
 
+def _window(line: str) -> dict[str, list[str]]:
+  """A convolution's window attributes: {'size': ['32'], 'pad': ['31_31'], ...}."""
+  m = re.search(r"window=\{([^}]*)\}", line)
+  return (
+    {k: v.split("x") for k, _, v in (f.partition("=") for f in m.group(1).split())} if m else {}
+  )
+
+
+def _taps_on_input(in_size: int, out_size: int, window: int, pad_lo: int) -> int:
+  """(output position, window tap) pairs of one spatial dimension, stride 1, whose tap falls
+  on the input rather than on its zero padding."""
+  return sum(1 for o in range(out_size) for t in range(window) if 0 <= o + t - pad_lo < in_size)
+
+
+def _padded_window_flops(line: str, result, lhs, rhs, labels: list[str]) -> int | None:
+  """FLOPs of a stride-1 convolution over a zero-padded window, counting only the taps on the
+  input: the TPU compiler writes some batched products as a window as wide as the batch over
+  a padded input of size 1 (e.g. `window={size=32 pad=31_31 rhs_reversal=1}`), where one
+  tap in 32 is real. None for other windows."""
+  w = _window(line)
+  if "pad" not in w or any(k in w for k in ("stride", "lhs_dilate", "rhs_dilate")):
+    return None
+  lhs_labels, rhs_labels, out_labels = labels
+  spatial = [c for c in out_labels if c.isdigit()]
+  per_output_plane = _prod(result) // _prod(result[out_labels.index(c)] for c in spatial)
+  taps = 1
+  for c in spatial:
+    lo = int(w["pad"][int(c)].split("_")[0])
+    taps *= _taps_on_input(
+      lhs[lhs_labels.index(c)], result[out_labels.index(c)], int(w["size"][int(c)]), lo
+    )
+  return 2 * per_output_plane * rhs[rhs_labels.index("i")] * taps
+
+
 def matmul_flops(hlo: str) -> list[tuple[str, int]]:
   """(op_name, FLOPs) of every dot and convolution in an optimised HLO module's text, a
   multiply-add counted as 2. Operand shapes come from their definitions in the same
   computation; batch dimensions that the TPU compiler writes as a dilated window
-  (lhs_dilate) contribute no contraction."""
+  (lhs_dilate) contribute no contraction, and taps on a window's zero padding count
+  nothing."""
   out, shapes = [], {}
   for line in hlo.splitlines():
     if line and not line.startswith(" "):  # a new computation: names are local to it
@@ -56,17 +91,23 @@ def matmul_flops(hlo: str) -> list[tuple[str, int]]:
     if not ops:
       continue
     result, lhs, rhs = shapes[d.group(1)], shapes[ops.group(1)], shapes[ops.group(2)]
+    name = re.search(r'op_name="([^"]*)"', line)
+    name = name.group(1) if name else "?"
     if " dot(" in line:
       contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
       k = _prod(lhs[int(i)] for i in _dims(contracting.group(1))) if contracting else 1
-    else:
-      rhs_labels = re.search(r"dim_labels=\w+_(\w+)->", line).group(1)
-      if "lhs_dilate" in line:
-        k = rhs[rhs_labels.index("i")]
-      else:  # input features x kernel window, per output element
-        k = _prod(rhs) // rhs[rhs_labels.index("o")]
-    name = re.search(r'op_name="([^"]*)"', line)
-    out.append((name.group(1) if name else "?", 2 * _prod(result) * k))
+      out.append((name, 2 * _prod(result) * k))
+      continue
+    labels = list(re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", line).groups())
+    padded = _padded_window_flops(line, result, lhs, rhs, labels)
+    if padded is not None:
+      out.append((name, padded))
+      continue
+    if "lhs_dilate" in line:
+      k = rhs[labels[1].index("i")]
+    else:  # input features x kernel window, per output element
+      k = _prod(rhs) // rhs[labels[1].index("o")]
+    out.append((name, 2 * _prod(result) * k))
   return out
 
 

@@ -175,3 +175,35 @@ def test_hlo_matmul_sum_of_a_compiled_program(target):
     "jit(step)/bnd,de->bne/dot_general": 2 * 4 * 15 * 64 * 32,
     "jit(step)/conv_general_dilated": 2 * 4 * 4 * 4 * 8 * (4 * 4 * 3),
   }
+
+
+def test_hlo_matmul_sum_counts_only_the_taps_on_a_padded_windows_input():
+  """Two padded windows, parsed from HLO text: the TPU compiler writes a (32, 96, 192) x
+  (192, 192) product (CCViT's T/16 step on a v5e, the last block's proj gradient) as a window
+  of 32 over a zero-padded input of size 1, where one tap in 32 is real; and a 3x3 'SAME'
+  convolution on 14 x 14, where 40 of 42 taps per axis are (flops.conv's count)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+  import hlo_matmuls  # pylint: disable=g-import-not-at-top
+
+  meta = 'metadata={op_name="%s"}'
+  hlo = "\n".join(
+    [
+      "ENTRY %main {",
+      "  %w = bf16[192,192,1]{1,0,2} parameter(0)",
+      "  %g = bf16[32,96,192]{1,2,0} parameter(1)",
+      "  %x = f32[1,14,14,8]{3,2,1,0} parameter(2)",
+      "  %k = f32[3,3,8,16]{3,2,1,0} parameter(3)",
+      "  %p = bf16[32,96,192]{1,2,0} convolution(%w, %g), "
+      "window={size=32 pad=31_31 rhs_reversal=1}, dim_labels=bf0_0oi->0fb, " + meta % "proj",
+      "  ROOT %c = f32[1,14,14,16]{3,2,1,0} convolution(%x, %k), window={size=3x3 pad=1_1x1_1}, "
+      "dim_labels=b01f_01io->b01f, " + meta % "conv",
+      "}",
+    ]
+  )
+  assert dict(hlo_matmuls.matmul_flops(hlo)) == {
+    "proj": 2 * 32 * 96 * 192 * 192,
+    "conv": flops.conv(14, 8, 16, 3)[0],
+  }
