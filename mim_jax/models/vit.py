@@ -828,6 +828,9 @@ class VisionTransformer(nn.Module):
       )()
 
     rates = drop_path_rates(self.drop_path_rate, self.depth)
+    # The last block computes only the caller's tokens, unless it is scanned (one body for
+    # every layer) or return_layers wants all of it; otherwise they are taken after it.
+    last_block_reads = self.depth not in return_layers and not self.scan_layers
     layers = {}
     if self.scan_layers:
       step = nn.remat(_LayerStep, prevent_cse=False) if self.remat else _LayerStep
@@ -855,10 +858,7 @@ class VisionTransformer(nn.Module):
     else:
       for i in range(self.depth):
         rescale_id = i + 1 if self.depth_rescale else None
-        # The last block at the caller's tokens only, unless return_layers wants all of it.
-        at = None
-        if i + 1 == self.depth and self.depth not in return_layers:
-          at, last_outputs_at = last_outputs_at, None
+        at = last_outputs_at if last_block_reads and i + 1 == self.depth else None
         if self.remat:
           step = nn.remat(_LayerStep, prevent_cse=True)(
             **self._block_kwargs(grid),
@@ -879,7 +879,7 @@ class VisionTransformer(nn.Module):
           x = nn.with_logical_constraint(x, ACT_AXES)
         if i + 1 in return_layers:
           layers[i + 1] = x
-    if last_outputs_at is not None:  # not taken by the last block (above)
+    if last_outputs_at is not None and not last_block_reads:
       x = jnp.take_along_axis(x, last_outputs_at[..., None], axis=1)
 
     normed = x
